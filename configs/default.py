@@ -1,0 +1,73 @@
+"""Defaults shared by every dataset config (the schema of ../shared/DESIGN.md).
+
+Each dataset file starts with `config = default.get_config()` and overrides what differs.
+Every field can be overridden on the command line, e.g. `--config.training.batch_size=256`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"
+  data.data_dir = None  # tfds data_dir; None uses tfds' default (~/tensorflow_datasets).
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+
+  # The U-Net of Ho et al. (2020): UNet(**config.model).
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.out_channels = 3  # C, or 2C for diffusion.var_type = "learned_range".
+  model.num_classes = 0  # > 0 makes a class-conditional model.
+  model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32.
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = "linear"
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_timesteps = 1000
+  diffusion.mean_type = "eps"  # eps | x0 | v
+  diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned_range
+  diffusion.loss_type = "mse"  # mse | kl | hybrid
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 5000
+  optim.grad_clip = 1.0
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global, over all devices and hosts
+  training.num_train_steps = 800_000
+  training.ema_decay = 0.9999
+  training.log_every = 100
+  training.checkpoint_every = 10_000
+  training.keep_checkpoints = 3
+  training.sample_every = 50_000
+  training.eval_every = 0  # 0 turns in-training evaluation off
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ancestral"  # ancestral | ddim
+  sampling.num_steps = 1000  # < num_timesteps respaces the chain
+  sampling.eta = 0.0
+  sampling.clip_denoised = True
+  sampling.num_samples = 64
+  sampling.batch_size = 256
+
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.split = "test"
+  evaluation.num_samples = 50_000
+  evaluation.inception_weights = None  # a local file path
+
+  config.parallel = "pmap"  # pmap | shard_map
+  return config
