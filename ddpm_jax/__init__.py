@@ -1,2 +1,23 @@
 """ddpm_jax: Denoising Diffusion Probabilistic Models (Ho et al., 2020) in JAX/Flax."""
+from ddpm_jax.diffusion import (
+    bits_per_dim,
+    discretized_gaussian_log_likelihood,
+    get_v,
+    min_snr_loss_weight,
+    normal_kl,
+    p_mean_variance,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    prior_bpd,
+    q_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+    training_losses,
+    vb_terms_bpd,
+)
+from ddpm_jax.respace import respace, space_timesteps
+from ddpm_jax.sampling import ddim_sample_loop, p_sample, p_sample_loop
+from ddpm_jax.schedules import Schedule, get_beta_schedule, make_schedule
+
 __version__ = "0.1.0"
