@@ -199,8 +199,9 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str = "
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  # exp(d) - 1 - d as expm1(d) - d: no cancellation when the variances nearly agree.
+  d = logvar1 - logvar2
+  return 0.5 * (jnp.expm1(d) - d + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def _log_prob_between(a, b):
@@ -297,7 +298,8 @@ def min_snr_loss_weight(sched: Schedule, gamma: float = 5.0, mean_type: str = "e
   They turn the L_simple of the given parameterisation into min(SNR_t, gamma)-weighted x0 error.
   """
   check_choice("mean_type", mean_type, MEAN_TYPES)
-  snr = sched.alphas_cumprod / (1.0 - sched.alphas_cumprod)
+  # SNR = abar / (1 - abar), from the square roots: 1 - abar in float32 would cancel near t = 0.
+  snr = jnp.square(sched.sqrt_alphas_cumprod / sched.sqrt_one_minus_alphas_cumprod)
   clipped = jnp.minimum(snr, gamma)
   return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[mean_type]
 

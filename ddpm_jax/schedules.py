@@ -79,7 +79,7 @@ def _check_betas(betas) -> np.ndarray:
   bad = ~((betas > 0) & (betas <= 1))
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"betas must lie in (0, 1], got betas[{i}] = {betas[i]!r}.")
+    raise ValueError(f"betas must lie in (0, 1], got betas[{i}] = {float(betas[i])!r}.")
   return betas
 
 
