@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import log_ndtr
 
 from ddpm_jax.schedules import Schedule
@@ -43,7 +44,15 @@ def check_options(mean_type: str, var_type: str, loss_type: Optional[str] = None
     check_choice("loss_type", loss_type, LOSS_TYPES)
 
 
-def _check_t(x: jnp.ndarray, t) -> jnp.ndarray:
+def _check_t(sched: Schedule, x: jnp.ndarray, t) -> jnp.ndarray:
+  """Checks t's dtype and shape against x (at trace time) and, when concrete, its range."""
+  if not isinstance(t, jax.core.Tracer):
+    values = np.asarray(t)
+    if values.size and np.issubdtype(values.dtype, np.integer) and (
+        values.min() < 0 or values.max() >= sched.num_timesteps):
+      bad = values.min() if values.min() < 0 else values.max()
+      raise ValueError(f"Timestep {bad} is out of range; accepted: 0 to "
+                       f"{sched.num_timesteps - 1} (0-based, num_timesteps = {sched.num_timesteps}).")
   t = jnp.asarray(t)
   if not jnp.issubdtype(t.dtype, jnp.integer):
     raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}.")
@@ -76,7 +85,7 @@ def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
 
 def q_mean_variance(sched: Schedule, x0, t):
   """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): (mean, variance, log_variance), x0's shape."""
-  t = _check_t(x0, t)
+  t = _check_t(sched, x0, t)
   mean = _extract(sched.sqrt_alphas_cumprod, t, x0.ndim) * x0
   variance = jnp.broadcast_to(_extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.ndim) ** 2,
                               x0.shape)
@@ -87,7 +96,7 @@ def q_mean_variance(sched: Schedule, x0, t):
 
 def q_sample(sched: Schedule, x0, t, noise):
   """Draws x_t ~ q(x_t | x_0) with the given standard normal noise (same shape as x0)."""
-  t = _check_t(x0, t)
+  t = _check_t(sched, x0, t)
   _check_same_shape("x0", x0, "noise", noise)
   return (_extract(sched.sqrt_alphas_cumprod, t, x0.ndim) * x0
           + _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
@@ -95,7 +104,7 @@ def q_sample(sched: Schedule, x0, t, noise):
 
 def q_posterior_mean_variance(sched: Schedule, x0, x_t, t):
   """q(x_{t-1} | x_t, x_0): (mean, variance, log_variance_clipped), each of x_t's shape."""
-  t = _check_t(x_t, t)
+  t = _check_t(sched, x_t, t)
   _check_same_shape("x_t", x_t, "x0", x0)
   mean = (_extract(sched.posterior_mean_coef1, t, x_t.ndim) * x0
           + _extract(sched.posterior_mean_coef2, t, x_t.ndim) * x_t)
@@ -110,28 +119,28 @@ def q_posterior_mean_variance(sched: Schedule, x0, x_t, t):
 
 def predict_x0_from_eps(sched: Schedule, x_t, t, eps):
   """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-  t = _check_t(x_t, t)
+  t = _check_t(sched, x_t, t)
   return (_extract(sched.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
           - _extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
 
 
 def predict_eps_from_x0(sched: Schedule, x_t, t, x0):
   """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
-  t = _check_t(x_t, t)
+  t = _check_t(sched, x_t, t)
   return ((_extract(sched.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0)
           / _extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
 
 def get_v(sched: Schedule, x0, eps, t):
   """The v target of Salimans & Ho (2022): v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
-  t = _check_t(x0, t)
+  t = _check_t(sched, x0, t)
   return (_extract(sched.sqrt_alphas_cumprod, t, x0.ndim) * eps
           - _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
 
 
 def predict_x0_from_v(sched: Schedule, x_t, t, v):
   """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
-  t = _check_t(x_t, t)
+  t = _check_t(sched, x_t, t)
   return (_extract(sched.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
           - _extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v)
 
@@ -178,7 +187,7 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str = "
   variance = exp(log_variance) for every var_type.
   """
   check_options(mean_type, var_type)
-  t = _check_t(x_t, t)
+  t = _check_t(sched, x_t, t)
   mean_output, var_values = split_model_output(model_output, x_t, var_type)
   if mean_type == "eps":
     pred_x0 = predict_x0_from_eps(sched, x_t, t, mean_output)
@@ -252,7 +261,7 @@ def vb_terms_bpd(sched: Schedule, model_fn: ModelFn, x0, x_t, t, *, mean_type: s
   For t > 0 the KL term L_{t-1}; at t = 0 the discretised decoder NLL L_0.
   """
   check_options(mean_type, var_type)
-  t = _check_t(x_t, t)
+  t = _check_t(sched, x_t, t)
   _check_same_shape("x_t", x_t, "x0", x0)
   return _vb_terms_from_output(sched, model_fn(x_t, t), x0, x_t, t, mean_type=mean_type,
                                var_type=var_type, clip_denoised=clip_denoised)
@@ -323,7 +332,7 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, mean_ty
   if loss_type == "hybrid" and var_type != "learned_range":
     raise ValueError(f"loss_type='hybrid' trains a learned variance but var_type={var_type!r}; "
                      "use var_type='learned_range' with it, or loss_type='mse'.")
-  t = _check_t(x0, t)
+  t = _check_t(sched, x0, t)
   x_t = q_sample(sched, x0, t, noise)
   model_output = model_fn(x_t, t)
   mean_output, var_values = split_model_output(model_output, x_t, var_type)
