@@ -1,0 +1,297 @@
+"""Input pipelines: tfds under tfds.testing.mock_data (cifar10, celeb_a), and the real digits.
+
+No download happens anywhere: tfds datasets are mocked, and digits ships with scikit-learn.
+"""
+import re
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import default
+from ddpm_jax import data
+
+USE_CODE = tfds.testing.MockPolicy.USE_CODE  # no metadata files needed: works offline
+
+
+def make_config(dataset="digits", image_size=8, channels=1, random_flip=False, data_dir=None):
+  config = default.get_config()
+  config.data.dataset = dataset
+  config.data.image_size = image_size
+  config.data.num_channels = channels
+  config.data.random_flip = random_flip
+  config.data.data_dir = data_dir
+  return config
+
+
+def take(iterator, k):
+  return [next(iterator) for _ in range(k)]
+
+
+def to_uint8(image):
+  """[-1, 1] -> 0..255; the pipeline's values must land exactly on that grid."""
+  pixels = (np.asarray(image, np.float64) + 1.0) * 127.5
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-3)
+  return np.round(pixels).astype(np.int64)
+
+
+def check_batch(batch, shape, num_classes=None):
+  assert batch["image"].shape == shape and batch["image"].dtype == np.float32
+  assert batch["label"].shape == shape[:1] and batch["label"].dtype == np.int32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  to_uint8(batch["image"])
+  if num_classes is None:
+    assert (batch["label"] == 0).all()
+  else:
+    assert ((batch["label"] >= 0) & (batch["label"] < num_classes)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# tfds datasets under mock_data.
+
+
+def test_cifar10_mock_shapes_and_ranges():
+  with tfds.testing.mock_data(num_examples=20, policy=USE_CODE):
+    it = data.create_input_iter(make_config("cifar10", 32, 3, random_flip=True),
+                                per_host_batch_size=8, seed=0)
+    batches = take(it, 3)  # 24 > 20: straddles an epoch boundary
+  for batch in batches:
+    check_batch(batch, (8, 32, 32, 3), num_classes=10)
+    assert set(batch) == {"image", "label"}
+  assert batches[0]["image"].std() > 0.3  # mock images are uniform noise, not a constant
+
+
+def test_celeb_a_mock_shapes_and_ranges():
+  with tfds.testing.mock_data(num_examples=5, policy=USE_CODE):
+    it = data.create_input_iter(make_config("celeb_a", 64, 3), per_host_batch_size=4, seed=0)
+    batch = next(it)
+  check_batch(batch, (4, 64, 64, 3))  # unlabelled: labels 0
+
+
+def fake_image(index, shape):
+  """A constant image whose value identifies example `index` (< 25), even after JPEG/resizing."""
+  return np.full(shape, 10 * index + 5, np.uint8)
+
+
+def index_of(image):
+  return int(round((to_uint8(image).mean() - 5) / 10))
+
+
+def split_aware_as_dataset(num_examples, make_image):
+  """An `as_dataset_fn` for mock_data that honours "split[a:b]" (the stock mock ignores splits).
+
+  Example i of every split is `make_image(i)` (PNG-encoded: lossless, and tfds' Image feature
+  decodes PNG whatever its declared format) with label i % 10.
+  """
+
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    del read_config, kwargs
+    assert decoders and isinstance(decoders["image"], tfds.decode.SkipDecoding)
+    match = re.fullmatch(r"(\w+)(?:\[(\d+):(\d+)\])?", str(split))
+    a, b = (int(match[2]), int(match[3])) if match[2] else (0, num_examples)
+    shape = self.info.features["image"].shape
+    images = [tf.io.encode_png(make_image(i, shape)).numpy() for i in range(a, b)]
+    return tf.data.Dataset.from_tensor_slices({
+        "image": tf.constant(images, tf.string),
+        "label": tf.range(a, b, dtype=tf.int64) % 10,
+    })
+
+  return as_dataset
+
+
+@pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("celeb_a", 16)])
+def test_tfds_host_shards_are_disjoint_and_cover_the_split(dataset, size):
+  n, batch_size = 21, 4
+  fn = split_aware_as_dataset(n, fake_image)
+  seen, num_batches = [], []
+  with tfds.testing.mock_data(policy=USE_CODE, as_dataset_fn=fn):
+    for host in range(2):
+      batches = list(data.create_input_iter(
+          make_config(dataset, size, 3), split="test", per_host_batch_size=batch_size, seed=0,
+          process_index=host, process_count=2, repeat=False, shuffle=False))
+      num_batches.append(len(batches))
+      for b in batches:
+        check_batch({k: b[k] for k in ("image", "label")}, (batch_size, size, size, 3),
+                    num_classes=10)
+        seen.append([index_of(im) for im in b["image"][b["mask"]]])
+  assert num_batches == [3, 3]  # ceil(ceil(21/2) / 4): hosts stay in step
+  host0 = [i for batch in seen[:3] for i in batch]
+  host1 = [i for batch in seen[3:] for i in batch]
+  assert host0 == list(range(10)) and host1 == list(range(10, 21))  # contiguous, in order
+  assert sorted(host0 + host1) == list(range(n))
+
+
+def reference_resize(image, size):
+  """Antialiased bilinear (triangle-filter) resize in float64, written from its definition.
+
+  Output pixel j of a side shrunk by s = in/out is centred at input coordinate (j + 1/2) s and
+  averages input pixels x (centres x + 1/2) with weights max(0, 1 - |x + 1/2 - centre| / s),
+  normalised to sum to one.
+  """
+
+  def weights(n_in, n_out):
+    scale = n_in / n_out
+    centres = (np.arange(n_out) + 0.5) * scale
+    w = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None, :] + 0.5 - centres[:, None]) / scale)
+    return w / w.sum(axis=1, keepdims=True)
+
+  rows, cols = weights(image.shape[0], size), weights(image.shape[1], size)
+  return np.einsum("ih,jw,hwc->ijc", rows, cols, image.astype(np.float64))
+
+
+def test_celeb_a_crop_resize_matches_reference():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, size=(218, 178, 3), dtype=np.uint8)
+  crop = image[39:39 + 140, 19:19 + 140]  # ((218 - 140) // 2, (178 - 140) // 2)
+  expected = reference_resize(crop, 64)
+
+  got = data.celeb_a_crop_resize_float(tf.constant(image), 64).numpy()
+  np.testing.assert_allclose(got, expected, atol=1e-3)
+
+  # Through the whole pipeline (decode, crop, resize, round, scale); ties may round either way.
+  fn = split_aware_as_dataset(2, lambda i, shape: image)
+  with tfds.testing.mock_data(policy=USE_CODE, as_dataset_fn=fn):
+    batch = next(data.create_input_iter(make_config("celeb_a", 64, 3), per_host_batch_size=2,
+                                        seed=0, repeat=False, shuffle=False))
+  diff = np.abs(to_uint8(batch["image"][0]) - np.round(expected))
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+# ----------------------------------------------------------------------------------------------
+# digits: the real data.
+
+
+def digits_iter(**kw):
+  config = make_config(random_flip=kw.pop("random_flip", False))
+  return data.create_input_iter(config, **{"per_host_batch_size": 64, "seed": 0, **kw})
+
+
+def test_digits_test_split_is_the_last_297_images_once():
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  batches = list(digits_iter(split="test", per_host_batch_size=100, repeat=False, shuffle=False))
+  assert len(batches) == 3
+  for b in batches:
+    check_batch({k: b[k] for k in ("image", "label")}, (100, 8, 8, 1), num_classes=10)
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 297 and mask[:297].all()
+  images = np.concatenate([to_uint8(b["image"]) for b in batches])[:297, ..., 0]
+  labels = np.concatenate([b["label"] for b in batches])[:297]
+  np.testing.assert_array_equal(images, np.round(digits.images[-297:] * 255 / 16))
+  np.testing.assert_array_equal(labels, digits.target[-297:])
+
+
+def test_digits_eval_shards_over_hosts_cover_each_example_once():
+  per_host = []
+  for host in range(3):
+    batches = list(digits_iter(split="test", per_host_batch_size=32, repeat=False,
+                               shuffle=False, process_index=host, process_count=3))
+    assert len(batches) == 4  # ceil(ceil(297/3) / 32) on every host
+    per_host.append(np.concatenate([b["label"][b["mask"]] for b in batches]))
+  assert [len(p) for p in per_host] == [99, 99, 99]
+  from sklearn.datasets import load_digits
+  np.testing.assert_array_equal(np.concatenate(per_host), load_digits().target[-297:])
+
+
+def test_digits_train_shapes_and_epochs_are_permutations():
+  from sklearn.datasets import load_digits
+  train = np.round(load_digits().images[:1500] * 255 / 16).astype(np.int64)
+  batches = take(digits_iter(per_host_batch_size=100), 30)  # two epochs of 1500
+  for b in batches:
+    check_batch(b, (100, 8, 8, 1), num_classes=10)
+  epochs = [np.concatenate([to_uint8(b["image"])[..., 0] for b in batches[e * 15:(e + 1) * 15]])
+            for e in range(2)]
+  key = lambda x: x.reshape(len(x), -1).tolist()
+  for epoch in epochs:  # each epoch holds every training image once
+    assert sorted(key(epoch)) == sorted(key(train))
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+  assert not np.array_equal(epochs[0], train)  # and shuffled at all
+
+
+def test_digits_deterministic_by_seed():
+  a, b = take(digits_iter(seed=3), 4), take(digits_iter(seed=3), 4)
+  c = take(digits_iter(seed=4), 4)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("step", [5, 23, 61])  # inside epoch 0; straddling 0|1; inside epoch 2
+def test_digits_resume_equals_advancing(step):
+  fresh = digits_iter(seed=7, random_flip=True)
+  for _ in range(step):
+    next(fresh)
+  expected = take(fresh, 2)
+  resumed = take(digits_iter(seed=7, random_flip=True, start_step=step), 2)
+  for x, y in zip(expected, resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_digits_flips_are_exact_mirrors_and_only_when_asked():
+  plain = np.concatenate([b["image"] for b in take(digits_iter(seed=1), 5)])
+  flipped = np.concatenate([b["image"] for b in take(digits_iter(seed=1, random_flip=True), 5)])
+  same = (flipped == plain).all(axis=(1, 2, 3))
+  mirror = (flipped == plain[:, :, ::-1]).all(axis=(1, 2, 3))
+  assert (same | mirror).all()  # shuffling is independent of flipping: same order
+  assert 0.3 < (mirror & ~same).mean() < 0.7
+  # Not on the test split, nor in one-pass (evaluation) iterators.
+  test_a = next(digits_iter(split="test", seed=1, random_flip=True))
+  test_b = next(digits_iter(split="test", seed=1))
+  np.testing.assert_array_equal(test_a["image"], test_b["image"])
+  once_a = next(digits_iter(seed=1, random_flip=True, repeat=False))
+  once_b = next(digits_iter(seed=1, repeat=False))
+  np.testing.assert_array_equal(once_a["image"], once_b["image"])
+
+
+def test_digits_resize_to_image_size():
+  config = make_config(image_size=16)
+  batch = next(data.create_input_iter(config, per_host_batch_size=8, seed=0))
+  check_batch(batch, (8, 16, 16, 1), num_classes=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input and device helpers.
+
+
+def test_unknown_dataset_names_it_and_lists_accepted():
+  with pytest.raises(ValueError, match=r"imagenet.*cifar10.*digits"):
+    data.create_input_iter(make_config("imagenet"), per_host_batch_size=8, seed=0)
+
+
+def test_channel_mismatch_is_an_error():
+  with pytest.raises(ValueError, match="num_channels=3"):
+    data.create_input_iter(make_config(channels=3), per_host_batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize("name,hint", [("cifar10", "tfds build cifar10 --data_dir="),
+                                       ("celeb_a_hq/256", "--manual_dir=")])
+def test_dataset_not_prepared_says_how_to_prepare(tmp_path, name, hint):
+  config = make_config(name, 32, 3, data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="not prepared") as info:
+    data.create_input_iter(config, per_host_batch_size=8, seed=0)
+  message = str(info.value)
+  assert hint in message and str(tmp_path) in message and "config.data.data_dir" in message
+
+
+def test_shard_for_devices():
+  batch = {"image": np.zeros((8, 4, 4, 1), np.float32), "label": np.arange(8, dtype=np.int32)}
+  sharded = data.shard_for_devices(batch, 4)
+  assert sharded["image"].shape == (4, 2, 4, 4, 1)
+  np.testing.assert_array_equal(sharded["label"], np.arange(8).reshape(4, 2))
+  with pytest.raises(ValueError, match="10 examples does not divide over 4 devices"):
+    data.shard_for_devices({"image": np.zeros((10, 2))}, 4)
+
+
+def test_prefetch_to_device_keeps_values_and_order():
+  devices = jax.local_devices()
+  batches = [data.shard_for_devices({"x": np.full((len(devices) * 2, 3), i, np.float32)},
+                                    len(devices)) for i in range(4)]
+  out = list(data.prefetch_to_device(iter(batches), 2, devices))
+  assert len(out) == 4
+  for i, item in enumerate(out):
+    assert isinstance(item["x"], jax.Array) and item["x"].shape == (len(devices), 2, 3)
+    np.testing.assert_array_equal(np.asarray(item["x"]), batches[i]["x"])
