@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.mean_type = "eps"  # eps | x0 | v
   diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned_range
   diffusion.loss_type = "mse"  # mse | kl | hybrid
+  diffusion.min_snr_gamma = 0.0  # > 0 weights L_simple by min(SNR, gamma) (Hang et al., 2023)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
@@ -49,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # global, over all devices and hosts
   training.num_train_steps = 800_000
-  training.ema_decay = 0.9999
+  training.ema_decay = 0.9999  # or a tuple of decays; the first is the one sampled from
+  training.label_dropout = 0.1  # class-conditional models: P(null label), for guidance
   training.log_every = 100
   training.checkpoint_every = 10_000
   training.keep_checkpoints = 3

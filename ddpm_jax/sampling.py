@@ -9,10 +9,13 @@ the chain draws from fold_in(fold_in(key, 1), i).
 """
 from __future__ import annotations
 
+import functools
+import json
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddpm_jax import diffusion
 from ddpm_jax.diffusion import ModelFn
@@ -179,3 +182,82 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
   x_T = _normal(_fold_in(key, 0), shape)
   return _run_chain(step, x_T, sched_r.num_timesteps, _fold_in(key, 1), return_trajectory,
                     trajectory_stride)
+
+
+# ----------------------------------------------------------------------------- research entry point
+
+
+def _schedule_of(config) -> Schedule:
+  d = config.diffusion
+  from ddpm_jax.schedules import make_schedule  # pylint: disable=import-outside-toplevel
+  return make_schedule(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
+                       beta_end=d.beta_end)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float,
+                      per_device: int, devices: tuple):
+  """A pmapped chain for one (config, sampler) over `devices`, compiled once and cached."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from ddpm_jax.unet import UNet  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  model = UNet(**_model_kwargs(config))
+  sched = _schedule_of(config)
+  d, s = config.diffusion, config.sampling
+  shape = (per_device, config.data.image_size, config.data.image_size, config.data.num_channels)
+  common = dict(mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised)
+
+  def chain(params, keys):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+    if sampler == "ddim":
+      return ddim_sample_loop(sched, model_fn, shape, keys, num_steps=num_steps, eta=eta, **common)
+    steps = None if num_steps == sched.num_timesteps else num_steps
+    return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
+
+  return jax.pmap(chain, in_axes=(None, 0), devices=list(devices))
+
+
+def _model_kwargs(config) -> dict:
+  kwargs = dict(config.model)
+  for k in ("ch_mult", "attn_resolutions"):  # JSON turns tuples into lists
+    kwargs[k] = tuple(kwargs[k])
+  return kwargs
+
+
+def sample(params, key, *, config=None, num_samples: Optional[int] = None,
+           sampler: Optional[str] = None, num_steps: Optional[int] = None,
+           eta: Optional[float] = None) -> jnp.ndarray:
+  """Draws images from a trained model: float32 [num_samples, S, S, C] in [-1, 1].
+
+  params: the (EMA) parameters, e.g. from `ddpm_jax.load(workdir)`; config: that run's config.
+  sampler ("ancestral" | "ddim"), num_steps and eta default to config.sampling. Sample i's noise
+  comes from fold_in(key, i) alone, so the same key gives the same samples on any device count.
+  The batch is spread over all local devices, config.sampling.batch_size samples per call.
+  """
+  if config is None:
+    raise ValueError("sample() needs the run's config: pass config=..., as returned with the "
+                     "params by `params, config = ddpm_jax.load(workdir)`.")
+  s = config.sampling
+  sampler = s.sampler if sampler is None else sampler
+  diffusion.check_choice("sampler", sampler, SAMPLERS)
+  num_steps = s.num_steps if num_steps is None else num_steps
+  T = config.diffusion.num_timesteps
+  if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+    raise ValueError(f"num_steps must be an integer in [1, {T}] (the run's num_timesteps), "
+                     f"got {num_steps!r}.")
+  num_samples = s.num_samples if num_samples is None else num_samples
+  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+  eta = s.eta if eta is None else float(eta)
+
+  devices = tuple(jax.local_devices())
+  per_device = max(1, min(s.batch_size, num_samples) // len(devices))
+  per_call = per_device * len(devices)
+  run = _compiled_sampler(config.to_json(), sampler, num_steps, eta, per_device, devices)
+  images = []
+  for start in range(0, num_samples, per_call):
+    index = jnp.arange(start, start + per_call)  # past num_samples: padding, dropped below
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+    out = run(params, keys.reshape((len(devices), per_device) + keys.shape[1:]))
+    images.append(np.asarray(out).reshape((per_call,) + out.shape[2:]))
+  return jnp.asarray(np.concatenate(images)[:num_samples])

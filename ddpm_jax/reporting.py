@@ -1,0 +1,97 @@
+"""What a training run shows: console progress, TensorBoard scalars, PNG sample grids.
+
+Only process 0 reports; every method is a no-op on the others.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """[N, S, S, C] floats in [-1, 1] -> one uint8 [rows*S, cols*S, C] grid, as square as possible."""
+  n, s, _, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  pixels = np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  grid = np.zeros((rows * s, cols * s, c), np.uint8)
+  for i, image in enumerate(pixels):
+    r, q = divmod(i, cols)
+    grid[r * s:(r + 1) * s, q * s:(q + 1) * s] = image
+  return grid
+
+
+def save_png(path: str, images: np.ndarray, upscale: int = 1) -> None:
+  """Writes a grid of images as PNG atomically (a temporary file, then a rename)."""
+  grid = image_grid(images)
+  if upscale > 1:  # small images (8x8 digits) are easier to look at enlarged
+    grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  tmp = path + ".tmp"
+  image.save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Reporter:
+  """Console progress bar, TensorBoard scalars under workdir/tensorboard, and sample grids."""
+
+  def __init__(self, workdir: str, *, num_steps: int, start_step: int, batch_size: int):
+    self.active = jax.process_index() == 0
+    self.num_steps, self.batch_size = num_steps, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.samples_dir = os.path.join(workdir, "samples")
+    self.writer = None
+    if self.active:
+      os.makedirs(self.samples_dir, exist_ok=True)
+      from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
+      self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, metrics: Mapping[str, np.ndarray]) -> None:
+    """Logs a step's metrics, with images per second since the last call."""
+    now = time.perf_counter()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    if not self.active:
+      return
+    scalars = {"images_per_second": steps_per_s * self.batch_size}
+    for name, value in metrics.items():
+      value = np.asarray(value)
+      if value.ndim == 0:
+        scalars[name] = float(value)
+      else:  # loss_by_quartile: one scalar per quarter of the timesteps
+        scalars.update({f"{name}/q{i}": float(v) for i, v in enumerate(value)})
+    for name, value in scalars.items():
+      self.writer.scalar(name, value, step)
+    self.writer.flush()
+    eta = (self.num_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    done = step / self.num_steps
+    bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+    print(f"step {step}/{self.num_steps} [{bar}] {100 * done:5.1f}% | loss "
+          f"{scalars.get('loss', float('nan')):.4f} | {scalars['images_per_second']:.0f} img/s | "
+          f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
+
+  def samples(self, step: int, images: np.ndarray) -> str:
+    """Writes workdir/samples/ema_{step}.png; returns its path."""
+    path = os.path.join(self.samples_dir, f"ema_{step:08d}.png")
+    if self.active:
+      save_png(path, images, upscale=max(1, 64 // images.shape[1]))
+      print(f"step {step}: EMA samples written to {path}", file=sys.stderr, flush=True)
+    return path
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
