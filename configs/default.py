@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # global, over all devices and hosts
   training.num_train_steps = 800_000
-  training.ema_decay = 0.9999  # or a tuple of decays; the first is the one sampled from
+  training.ema_decay = 0.9999  # the EMA that sampling and evaluation use
+  training.extra_ema_decays = ()  # more EMAs to keep, e.g. (0.999,)
   training.label_dropout = 0.1  # class-conditional models: P(null label), for guidance
   training.log_every = 100
   training.checkpoint_every = 10_000

@@ -46,12 +46,12 @@ class TrainState:
 
 
 def ema_decays(config) -> Tuple[float, ...]:
-  """config.training.ema_decay as a tuple: one float, or several (the first is the main one)."""
-  decay = config.training.ema_decay
-  decays = tuple(decay) if isinstance(decay, (tuple, list)) else (decay,)
-  if not decays or not all(0.0 <= d < 1.0 for d in decays):
-    raise ValueError(f"training.ema_decay must be a float in [0, 1) or a tuple of them, "
-                     f"got {decay!r}.")
+  """(training.ema_decay, *training.extra_ema_decays): the first EMA is the one sampled from."""
+  decays = (config.training.ema_decay,) + tuple(config.training.get("extra_ema_decays", ()))
+  for d in decays:
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+      raise ValueError(f"EMA decays must be floats in [0, 1), got {d!r} in training.ema_decay/"
+                       "extra_ema_decays.")
   return tuple(float(d) for d in decays)
 
 
@@ -155,7 +155,7 @@ def make_train_step(config) -> Callable:
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
     loss = jax.lax.pmean(loss, AXIS)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = tuple(ema_update(e, params, decay) for e, decay in zip(state.ema_params, decays))
@@ -192,18 +192,21 @@ class Parallel:
   on a 1-D mesh of all devices; the batch is a global array sharded along its first axis.
   """
 
-  def __init__(self, config, step_fn: Callable):
+  def __init__(self, config, step_fn: Callable, devices=None):
+    """devices: all devices by default; a subset (single process only) e.g. for tests."""
     if config.parallel not in PARALLEL:
       raise ValueError(f"Unknown parallel mapping {config.parallel!r}; accepted: "
                        f"{', '.join(PARALLEL)}.")
     self.kind = config.parallel
-    self.local_devices = jax.local_devices()
+    devices = list(jax.devices() if devices is None else devices)
+    self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
     if self.kind == "pmap":
-      self.step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+      self.step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
+                           devices=devices if len(devices) < jax.device_count() else None)
       # pmap's inputs: a leading axis over this host's devices, one slice per device.
       self.local_sharding = NamedSharding(Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
     else:
-      self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+      self.mesh = Mesh(np.array(devices), (AXIS,))
       # check_vma=False: per-device code as under pmap. (With it on, the gradient of the
       # replicated parameters would arrive already summed over devices, before our pmean.)
       mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
