@@ -21,33 +21,49 @@ with the optional `config.data.pad_to_size = True`, zero-padded centrally (e.g. 
 Resized images are rounded back to uint8 before scaling: the data stay on the 256-level grid that
 the discretized likelihood (bits/dim) assumes; score_sde keeps the float values instead.
 
-Sharding: a split of N examples is cut into process_count contiguous blocks
-[i*N//P, (i+1)*N//P); host i reads only its block (a tfds absolute ReadInstruction "split[a:b]",
-or the same slice of the digits array). Blocks are disjoint, cover the split, and differ in size
-by at most one example.
+Training stream (repeat=True): one global stream, the same on every host. With N examples in
+the split, the stream is epoch 0, epoch 1, ... of the WHOLE split concatenated; position
+g = e*N + i is the i-th example of epoch e. Batches are cut from it (they may straddle an epoch
+boundary; nothing is dropped): with P = process_count, B = per_host_batch_size and the global
+batch size G = B*P, global batch s is positions [s*G, (s+1)*G), and host i yields the part whose
+offset within the global batch lies in [i*B, (i+1)*B). So the concatenation of the hosts' batches
+at step s, in process order, is global batch s, and it depends on (config, seed, G, s) and the
+data only, never on P: a 2-host run and a 1-host run with the same global batch see the same
+examples, flips and order, and a run may resume on a different number of hosts.
+Every host therefore reads every (encoded) record and keeps 1/P of them: the selection is a
+`filter` on the stream *before* decoding (tfds images are read with tfds.decode.SkipDecoding), so
+reading I/O is x P but decoding and preprocessing, the expensive part, is / P. tf.data's
+AutoShardPolicy.DATA makes the same trade. Reading only a contiguous block per host would cut
+I/O by P too, but it ties the global batch to P (what this module did before).
 
-Randomness and resuming. A host's stream is epoch 0, epoch 1, ... concatenated, each epoch a
-permutation of the host's n examples, and batches are cut from that stream (they may straddle
-an epoch boundary; nothing is dropped). Every random choice is a pure function of a key:
-  * keys: (shuffle_key, flip_key) = SeedSequence([seed, process_index]), so hosts differ;
-  * epoch e is shuffled by tf.data's shuffle with seed = stateless_hash(shuffle_key, e) and
-    reshuffle_each_iteration=False: its order depends on (seed, e) only, never on history;
-  * the element at stream position g = e*n + i is flipped iff
-    stateless_uniform(seed=(flip_key, g)) < 1/2.
-So the batch at step s is a function of (seed, s) and the data alone. start_step=s starts the
-stream at position k = s*B: epoch k // n, skipping k % n elements of that epoch only. The skip
-runs on the records *before* decoding (tfds images are read with SkipDecoding and decoded after
-the skip), so resuming costs at most one epoch of reading encoded records and no image decoding.
-Shuffling uses a buffer of min(n, config.data.shuffle_buffer_size or 50_000) encoded records:
-a full permutation of shards up to that size (CIFAR-10, CelebA-HQ, digits), a windowed one of
-larger shards (tfds stores records pre-shuffled, so a window is already a fair sample).
-The position depends on per_host_batch_size and process_count: resume with the same ones.
+Randomness and resuming. Every random choice is a pure function of a key, and no key depends on
+the process index:
+  * keys: (shuffle_key, flip_key) = SeedSequence([seed]);
+  * epoch e is shuffled by tf.data's shuffle with seed = stateless_hash(shuffle_key, e),
+    reshuffle_each_iteration=False, over the same records in the same stored order (tfds reads
+    files unshuffled) with the same buffer on every host: its order depends on (seed, e) only,
+    never on history nor on the host;
+  * the element at stream position g is flipped iff stateless_uniform(seed=(flip_key, g)) < 1/2,
+    computed by whichever host keeps g.
+start_step=s starts the stream at position k = s*G: epoch k // N, skipping k % N elements of
+that epoch only. The skip runs on the encoded records, before the host filter and the decoding,
+so resuming costs at most one epoch of reading encoded records and no image decoding. Resume
+with the same global batch size G; B and P may change as long as B*P stays G.
+Shuffling uses a buffer of min(N, config.data.shuffle_buffer_size or 50_000) encoded records
+(on every host): a full permutation of splits up to that size (CIFAR-10, CelebA-HQ, digits), a
+windowed one of larger splits (tfds stores records pre-shuffled, so a window is already a fair
+sample).
+scikit-learn's digits go through the same code: their arrays are wrapped in a tf.data dataset
+(from_tensor_slices) and take the place of the encoded records (decoding is the identity).
 
-Evaluation (repeat=False): one pass over the host's block; after the real examples the stream is
-padded with black images (-1, label 0, mask False) so that every host yields the same number of
+Evaluation (repeat=False): order does not matter there, so hosts read disjoint blocks instead:
+the split is cut into P contiguous blocks [i*N//P, (i+1)*N//P) (a tfds absolute ReadInstruction
+"split[a:b]", or the same slice of the digits arrays), host i reads only its block, in one pass
+(shuffled by (seed, epoch 0) when shuffle=True). After the real examples the stream is padded
+with black images (-1, label 0, mask False) so that every host yields the same number of
 batches, ceil(ceil(N/P) / B) (collectives need the hosts in step). Summing over mask=True sees
 every example of the split exactly once. One-pass iterators never flip (evaluation sees the data
-as they are).
+as they are); start_step=s skips the first s*B examples of the host's block.
 
 TensorFlow is kept off the accelerators on import: JAX owns them.
 """
@@ -223,10 +239,11 @@ def _tfds_source(name: str, label_key: str | None, data_dir: str | None, split: 
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"tensorflow-datasets cannot find {name!r} in data_dir {data_dir!r} "
                      f"(config.data.data_dir): {e}") from e
-  decoders = {"image": tfds.decode.SkipDecoding()}  # decode after skipping/shuffling: cheap resume
+  decoders = {"image": tfds.decode.SkipDecoding()}  # decode after skip/shuffle/host filter
   read_config = tfds.ReadConfig(try_autocache=False, options=_options())
   try:
-    full = builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
+    full = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                              read_config=read_config)
   except AssertionError as e:  # tfds' "could not find data in data_dir"; never downloads
     raise FileNotFoundError(_not_prepared_message(name, builder, data_dir)) from e
   num_examples = int(full.cardinality())
@@ -234,9 +251,11 @@ def _tfds_source(name: str, label_key: str | None, data_dir: str | None, split: 
     num_examples = builder.info.splits[split].num_examples
 
   def read(a: int, b: int) -> tf.data.Dataset:
-    ds = full.take(0) if a == b else builder.as_dataset(
-        split=f"{split}[{a}:{b}]", shuffle_files=False, decoders=decoders,
-        read_config=read_config)
+    if (a, b) == (0, num_examples) or a == b:
+      ds = full if a < b else full.take(0)
+    else:
+      ds = builder.as_dataset(split=f"{split}[{a}:{b}]", shuffle_files=False,
+                              decoders=decoders, read_config=read_config)
     return ds.map(lambda ex: {"image": ex["image"], "label": _label(ex, label_key)})
 
   return _Source(num_examples, read, builder.info.features["image"].decode_example)
@@ -257,14 +276,14 @@ def _open_source(spec: _Spec, config: Any, split: str) -> _Source:
 
 
 def host_block(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """Host i's contiguous block [a, b) = [i*N//P, (i+1)*N//P) of a split of N examples."""
+  """Host i's contiguous block [a, b) = [i*N//P, (i+1)*N//P) of a split of N (evaluation)."""
   return (process_index * num_examples // process_count,
           (process_index + 1) * num_examples // process_count)
 
 
-def _keys(seed: int, process_index: int) -> tuple[int, int]:
-  """(shuffle_key, flip_key): uint32 values derived from (seed, process_index)."""
-  state = np.random.SeedSequence([int(seed) % 2**64, process_index]).generate_state(2)
+def _keys(seed: int) -> tuple[int, int]:
+  """(shuffle_key, flip_key): uint32 values derived from the seed alone (the same on all hosts)."""
+  state = np.random.SeedSequence([int(seed) % 2**64]).generate_state(2)
   return int(state[0]), int(state[1])
 
 
@@ -291,6 +310,17 @@ def _epoch_stream(records: tf.data.Dataset, n: int, *, first_epoch: int, skip: i
 
   stop = 2**62 if num_epochs is None else first_epoch + num_epochs
   return tf.data.Dataset.range(first_epoch, stop).flat_map(one_epoch)
+
+
+def _host_slice(stream: tf.data.Dataset, *, global_batch: int, per_host_batch: int,
+                process_index: int) -> tf.data.Dataset:
+  """Keeps the stream elements (with "index" g) of host i: (g mod G) in [i*B, (i+1)*B).
+
+  Run on encoded records, so a host decodes only what it keeps. The stream must start at a
+  multiple of G for its batches of B to be the hosts' slices of the global batches.
+  """
+  g, b, i = (tf.constant(v, tf.int64) for v in (global_batch, per_host_batch, process_index))
+  return stream.filter(lambda ex: tf.equal(ex["index"] % g // b, i))
 
 
 def _process_fn(decode: Callable, preprocess: Callable, size: int, channels: int, pad: bool,
@@ -355,6 +385,17 @@ def _validate(config: Any, spec: _Spec, split: str, per_host_batch_size: int, st
                      f"config.data.image_size={size} (dataset {config.data.dataset!r}).")
 
 
+def check_dataset(config: Any, split: str = "train") -> int:
+  """Checks config.data and that the split is prepared and readable; returns its size.
+
+  Opens the dataset without reading examples, so a run can refuse a bad dataset before it
+  writes anything to its workdir.
+  """
+  spec = _get_spec(config.data.dataset)
+  _validate(config, spec, split, 1, 0, 0, 1)
+  return _open_source(spec, config, split).num_examples
+
+
 def create_input_iter(config: Any, *, split: str = "train", per_host_batch_size: int,
                       seed: int, start_step: int = 0, process_index: int | None = None,
                       process_count: int | None = None, repeat: bool = True,
@@ -365,12 +406,16 @@ def create_input_iter(config: Any, *, split: str = "train", per_host_batch_size:
     config: the run's config; reads config.data (dataset, data_dir, image_size, num_channels,
       random_flip, optional shuffle_buffer_size and pad_to_size).
     split: a plain split name ("train", "test", "validation").
-    per_host_batch_size: B, examples per batch on this host.
-    seed: fixes shuffling and flips (with the process index): same seed, same batches.
+    per_host_batch_size: B, examples per batch on this host; the global batch is
+      G = B * process_count.
+    seed: fixes shuffling and flips: same seed and G, same global batches, whatever the
+      number of hosts.
     start_step: the global step of the first batch; batch s is the same whether the iterator
-      started at 0 and was advanced s times or started at s.
+      started at 0 and was advanced s times or started at s (with any B, P of the same G).
     process_index, process_count: this host and the number of hosts (default: jax's).
-    repeat: True: endless epochs. False: one pass, padded (see `mask`).
+    repeat: True: endless epochs of one global stream; host i yields examples
+      [i*B, (i+1)*B) of each global batch. False: one pass over host i's block of the split,
+      padded (see `mask`).
     shuffle: reshuffle every epoch (keyed by (seed, epoch)); False keeps the stored order.
 
   Yields:
@@ -385,29 +430,34 @@ def create_input_iter(config: Any, *, split: str = "train", per_host_batch_size:
   size, channels, batch = config.data.image_size, spec.channels, int(per_host_batch_size)
 
   source = _open_source(spec, config, split)
-  a, b = host_block(source.num_examples, process_index, process_count)
-  n = b - a
-  shuffle_key, flip_key = _keys(seed, process_index)
+  shuffle_key, flip_key = _keys(seed)
   flip = config.data.random_flip and split == "train" and repeat
-  offset = start_step * batch  # position of this step's first element in the host's stream
-  if repeat and n == 0:
-    raise ValueError(f"Host {process_index} of {process_count} has no examples of split "
-                     f"{split!r} ({source.num_examples} in all).")
+  process = _process_fn(source.decode, spec.preprocess, size, channels,
+                        bool(config.data.get("pad_to_size", False)), flip_key if flip else None)
 
-  ds = _epoch_stream(
-      source.read(a, b), n,
-      first_epoch=offset // n if repeat else 0,
-      skip=offset % n if repeat else min(offset, n),
-      num_epochs=None if repeat else 1, shuffle=shuffle,
-      buffer_size=max(1, min(n, config.data.get("shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER))),
-      shuffle_key=shuffle_key)
-  ds = ds.map(_process_fn(source.decode, spec.preprocess, size, channels,
-                          bool(config.data.get("pad_to_size", False)),
-                          flip_key if flip else None),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if repeat:
+  def buffer_size(n: int) -> int:
+    return max(1, min(n, config.data.get("shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER)))
+
+  if repeat:  # one global stream; this host keeps its slice of every global batch
+    n = source.num_examples
+    if n == 0:
+      raise ValueError(f"Split {split!r} of dataset {config.data.dataset!r} has no examples.")
+    global_batch = batch * process_count
+    position = start_step * global_batch  # first element of global batch start_step
+    ds = _epoch_stream(source.read(0, n), n, first_epoch=position // n, skip=position % n,
+                       num_epochs=None, shuffle=shuffle, buffer_size=buffer_size(n),
+                       shuffle_key=shuffle_key)
+    ds = _host_slice(ds, global_batch=global_batch, per_host_batch=batch,
+                     process_index=process_index)
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch, drop_remainder=True)
-  else:  # every host the same number of batches: that of the largest block, ceil(N/P)
+  else:  # one pass over this host's block, padded to the batches of the largest, ceil(N/P)
+    a, b = host_block(source.num_examples, process_index, process_count)
+    n = b - a
+    offset = start_step * batch  # position of this step's first element in the host's block
+    ds = _epoch_stream(source.read(a, b), n, first_epoch=0, skip=min(offset, n), num_epochs=1,
+                       shuffle=shuffle, buffer_size=buffer_size(n), shuffle_key=shuffle_key)
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     num_batches = math.ceil(math.ceil(source.num_examples / process_count) / batch)
     ds = _pad_and_batch(ds, real_left=max(0, n - offset),
                         total_left=max(0, num_batches * batch - offset), batch_size=batch,

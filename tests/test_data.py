@@ -30,6 +30,38 @@ def take(iterator, k):
   return [next(iterator) for _ in range(k)]
 
 
+def assert_batches_equal(x, y):
+  assert set(x) == set(y)
+  for key in x:
+    np.testing.assert_array_equal(x[key], y[key])
+
+
+def concat_hosts(batches):
+  """The global batch: the hosts' batches concatenated in process order."""
+  return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def check_global_batches(make_iter, global_batch, process_count, steps):
+  """Global batch s for process_count hosts == the 1-host batch s of the same global size.
+
+  make_iter(**kw) builds an iterator. The 1-host reference is advanced step by step; the hosts
+  are advanced from step 0 too up to the second step, and started at start_step for the others
+  (resuming with a different process count).
+  """
+  reference = make_iter(per_host_batch_size=global_batch)
+  expected = {s: b for s, b in enumerate(take(reference, max(steps) + 1)) if s in steps}
+  per_host = global_batch // process_count
+  fresh = [make_iter(per_host_batch_size=per_host, process_index=i, process_count=process_count)
+           for i in range(process_count)]
+  for s, batches in enumerate(zip(*(take(it, 2) for it in fresh))):
+    if s in steps:
+      assert_batches_equal(concat_hosts(batches), expected[s])
+  for s in steps:
+    resumed = [next(make_iter(per_host_batch_size=per_host, start_step=s, process_index=i,
+                              process_count=process_count)) for i in range(process_count)]
+    assert_batches_equal(concat_hosts(resumed), expected[s])
+
+
 def to_uint8(image):
   """[-1, 1] -> 0..255; the pipeline's values must land exactly on that grid."""
   pixels = (np.asarray(image, np.float64) + 1.0) * 127.5
@@ -68,6 +100,15 @@ def test_celeb_a_mock_shapes_and_ranges():
     it = data.create_input_iter(make_config("celeb_a", 64, 3), per_host_batch_size=4, seed=0)
     batch = next(it)
   check_batch(batch, (4, 64, 64, 3))  # unlabelled: labels 0
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_cifar10_mock_global_batch_does_not_depend_on_process_count(process_count):
+  config = make_config("cifar10", 32, 3, random_flip=True)
+  make_iter = lambda **kw: data.create_input_iter(config, seed=5, **kw)
+  with tfds.testing.mock_data(num_examples=20, policy=USE_CODE):
+    # G = 8, N = 20: steps 0, 1 in epoch 0; 2 straddles epochs 0|1; 5 is inside epoch 2.
+    check_global_batches(make_iter, 8, process_count, steps=(0, 1, 2, 5))
 
 
 def fake_image(index, shape):
@@ -121,6 +162,23 @@ def test_tfds_host_shards_are_disjoint_and_cover_the_split(dataset, size):
   host1 = [i for batch in seen[3:] for i in batch]
   assert host0 == list(range(10)) and host1 == list(range(10, 21))  # contiguous, in order
   assert sorted(host0 + host1) == list(range(n))
+
+
+def test_tfds_train_hosts_keep_their_slice_of_each_global_batch():
+  """Unshuffled, the stream is examples 0..N-1, 0..N-1, ...; host i of P keeps [i*B, (i+1)*B)
+  of each global batch of G = B*P."""
+  n, per_host, hosts = 21, 4, 2
+  fn = split_aware_as_dataset(n, fake_image)
+  with tfds.testing.mock_data(policy=USE_CODE, as_dataset_fn=fn):
+    for host in range(hosts):
+      it = data.create_input_iter(make_config("cifar10", 32, 3), per_host_batch_size=per_host,
+                                  seed=0, process_index=host, process_count=hosts,
+                                  shuffle=False)
+      for step, batch in enumerate(take(it, 6)):
+        start = step * per_host * hosts + host * per_host
+        expected = [g % n for g in range(start, start + per_host)]
+        assert [index_of(im) for im in batch["image"]] == expected
+        assert batch["label"].tolist() == [i % 10 for i in expected]
 
 
 def reference_resize(image, size):
@@ -219,16 +277,49 @@ def test_digits_deterministic_by_seed():
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
+@pytest.mark.parametrize("process_count", [1, 2])
 @pytest.mark.parametrize("step", [5, 23, 61])  # inside epoch 0; straddling 0|1; inside epoch 2
-def test_digits_resume_equals_advancing(step):
-  fresh = digits_iter(seed=7, random_flip=True)
+def test_digits_resume_equals_advancing(step, process_count):
+  # Global batch 64: host batches of 64 // process_count; the last host is checked.
+  kw = dict(seed=7, random_flip=True, per_host_batch_size=64 // process_count,
+            process_index=process_count - 1, process_count=process_count)
+  fresh = digits_iter(**kw)
   for _ in range(step):
     next(fresh)
   expected = take(fresh, 2)
-  resumed = take(digits_iter(seed=7, random_flip=True, start_step=step), 2)
+  resumed = take(digits_iter(start_step=step, **kw), 2)
   for x, y in zip(expected, resumed):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["label"], y["label"])
+    assert_batches_equal(x, y)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_digits_global_batch_does_not_depend_on_process_count(process_count):
+  make_iter = lambda **kw: digits_iter(seed=11, random_flip=True, **kw)
+  # G = 8, N = 1500: steps 0, 1 in epoch 0; 200 (positions 1600..1607) in epoch 1.
+  check_global_batches(make_iter, 8, process_count, steps=(0, 1, 200))
+
+
+def test_digits_hosts_of_one_step_are_disjoint_and_an_epoch_covers_the_split():
+  from sklearn.datasets import load_digits
+  train = np.round(load_digits().images[:1500] * 255 / 16).astype(np.int64)
+  # G = 300 = 3 hosts x 100: an epoch is 5 global steps, the union of 15 host batches.
+  hosts = [take(digits_iter(per_host_batch_size=100, process_index=i, process_count=3), 5)
+           for i in range(3)]
+  epoch = np.concatenate([to_uint8(b["image"])[..., 0] for host in hosts for b in host])
+  key = lambda x: sorted(x.reshape(len(x), -1).tolist())
+  assert key(epoch) == key(train)
+
+
+def test_digits_seed_changes_every_host_and_flips():
+  """Different seeds give different global batches; a seed's flips differ from another's."""
+  def global_batch(seed, flip):
+    return concat_hosts([next(digits_iter(seed=seed, random_flip=flip, per_host_batch_size=32,
+                                          process_index=i, process_count=2))
+                         for i in range(2)])
+  a, b = global_batch(1, True), global_batch(2, True)
+  assert_batches_equal(a, global_batch(1, True))
+  assert not np.array_equal(a["image"][:32], b["image"][:32])
+  assert not np.array_equal(a["image"][32:], b["image"][32:])
 
 
 def test_digits_flips_are_exact_mirrors_and_only_when_asked():
