@@ -3,16 +3,19 @@
 With a model function that costs almost nothing, the difference is pure dispatch overhead: the
 Python loop (how most peer code samples) pays a host round trip per step; the scan pays none.
 
-    python -m benchmarks.sampler_overhead [--num_timesteps 1000] [--batch 16] [--image_size 32]
+    python benchmarks/sampler_overhead.py [--num_timesteps 1000] [--batch 16] [--image_size 32]
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-import ddpm_jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ddpm_jax  # noqa: E402  (after making the repository importable)
 
 
 def timed(fn, repeats):

@@ -19,5 +19,6 @@ from ddpm_jax.diffusion import (
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.sampling import ddim_sample_loop, p_sample, p_sample_loop
 from ddpm_jax.schedules import Schedule, get_beta_schedule, make_schedule
+from ddpm_jax.unet import UNet
 
 __version__ = "0.1.0"

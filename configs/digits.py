@@ -1,0 +1,24 @@
+"""scikit-learn's 8x8 grayscale digits: a 1.0M-parameter model for quick runs on a CPU.
+
+One forward+backward pass at batch 128 takes about 0.3 s on 2 CPU cores, so some 2,000 training
+steps fit in ten minutes.
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+
+  config.data.dataset = "digits"
+  config.data.image_size = 8
+  config.data.num_channels = 1
+  config.data.random_flip = False  # a mirrored digit is not a digit
+
+  model = config.model
+  model.ch = 32
+  model.ch_mult = (1, 2)  # 8x8 -> 4x4
+  model.num_res_blocks = 2
+  model.attn_resolutions = (4,)
+  model.dropout = 0.1
+  model.out_channels = 1
+  return config
