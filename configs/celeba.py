@@ -16,4 +16,12 @@ def get_config():
   model.attn_resolutions = (16,)
   model.dropout = 0.1
   model.out_channels = 3
+
+  # The DDIM paper's CelebA recipe (batch 128, lr 2e-4, EMA 0.9999, clip 1.0).
+  config.data.random_flip = True
+  config.optim.learning_rate = 2e-4
+  config.optim.warmup_steps = 5000
+  config.training.batch_size = 128
+  config.training.num_train_steps = 500_000
+  config.eval.split = "test"
   return config
