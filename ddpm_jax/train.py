@@ -236,10 +236,14 @@ class Parallel:
         lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
   def get(self, tree):
-    """Replicated device values (state or metrics) as host NumPy, one copy."""
-    if self.kind == "pmap":
-      tree = jax.tree_util.tree_map(lambda x: x[0], tree)
-    return jax.device_get(tree)
+    """Replicated device values (state or metrics) as host NumPy, one copy.
+
+    Read from this host's first device buffer: no computation, so no host waits on another.
+    """
+    def first(x):
+      data = np.asarray(x.addressable_shards[0].data)
+      return data[0] if self.kind == "pmap" else data  # pmap: the shard keeps its device axis
+    return jax.tree_util.tree_map(first, tree)
 
 
 def check_batch_size(config) -> int:
@@ -266,24 +270,30 @@ def state_from_dict(template: TrainState, tree: dict) -> TrainState:
 
 
 class _Preemption:
-  """Remembers a SIGTERM (TPU preemption, `kill`) so the loop can checkpoint and stop cleanly."""
+  """Notices SIGTERM (a TPU preemption, `kill`) so the loop can checkpoint and stop cleanly.
+
+  One process: our own signal handler. Several: jax.distributed's preemption notifier, whose
+  sync point makes every process stop after the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.multiprocess = jax.process_count() > 1
+    if not self.multiprocess:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
 
-  def anywhere(self) -> bool:
-    """True on every process once any process was signalled (a collective: call in step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
-    return bool(np.any(flags))
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; every process must call it every step."""
+    if self.multiprocess:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self.multiprocess:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _device_batches(iterator, par: Parallel, ahead: int = 2):
@@ -306,10 +316,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   so no checkpoint holds it.
   """
   tc = config.training
+  # Refuse bad settings before anything is written to the workdir.
   check_batch_size(config)
   if config.parallel not in PARALLEL:
     raise ValueError(f"Unknown parallel mapping {config.parallel!r}; accepted: "
                      f"{', '.join(PARALLEL)}.")
+  data.check_dataset(config, "train")
   config = checkpoint.write_or_check_config(workdir, config)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
@@ -350,8 +362,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       if step % tc.log_every == 0 or last:
         check_finite(step)
         reporter.scalars(step, par.get(metrics))
-      stop = preemption.anywhere() if (step % tc.log_every == 0 or jax.process_count() == 1) \
-          else False
+      stop = preemption.reached(step)
       if step % tc.checkpoint_every == 0 or last or stop:
         check_finite(step)
         host = par.get(p_state)

@@ -1,0 +1,211 @@
+"""The training loop end to end: main.py, checkpoints, resume after SIGKILL, several hosts, bad input."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import smoke
+from ddpm_jax import checkpoint, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  config = smoke.get_config()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def run_main(workdir, *flags, devices=8, env=None, wait=True):
+  """python main.py --config=configs/smoke.py in a fresh process with `devices` CPU devices."""
+  cmd = [sys.executable, "main.py", "--config=configs/smoke.py", f"--workdir={workdir}", *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def restored_params(workdir, step=None):
+  tree, meta = checkpoint.Checkpointer(workdir, keep=10).restore(step)
+  return tree, meta
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_train_checkpoint_resume_and_sample_grid(tmp_path):
+  workdir = str(tmp_path / "run")
+  state = train.train_and_evaluate(smoke_config(), workdir)
+  assert int(state.step) == 6
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["training"]["num_train_steps"] == 6
+  ckpt = checkpoint.Checkpointer(workdir, keep=2)
+  assert ckpt.all_steps() == [3, 6]  # every 3 steps, the newest 2 kept
+  grid = Image.open(os.path.join(workdir, "samples", "ema_00000006.png"))
+  assert grid.size == (2 * 8 * 8, 2 * 8 * 8)  # 4 samples of 8x8, 2x2 grid, enlarged 8x
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  tree, meta = ckpt.restore()
+  assert meta["step"] == 6 and int(np.asarray(tree["step"])) == 6
+  for a, b in zip(leaves(tree["ema_params"]), leaves(state.ema_params)):
+    np.testing.assert_array_equal(a, b)
+  # A longer run in the same workdir resumes from step 6.
+  state = train.train_and_evaluate(smoke_config(**{"training.num_train_steps": 9}), workdir)
+  assert int(state.step) == 9
+  assert checkpoint.Checkpointer(workdir, keep=2).all_steps() == [6, 9]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+  flags = ["--config.training.num_train_steps=60", "--config.training.checkpoint_every=10",
+           "--config.training.log_every=10", "--config.training.sample_every=0"]
+  killed = str(tmp_path / "killed")
+  proc = run_main(killed, *flags, wait=False)
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = checkpoint.Checkpointer(killed, keep=10).all_steps()
+  assert steps and max(steps) < 60
+  out = run_main(killed, *flags)
+  assert f"Resuming from the checkpoint of step {max(steps)}" in out
+  straight = str(tmp_path / "straight")  # in this process: 8 devices, as the runs above
+  train.train_and_evaluate(smoke_config(**{"training.num_train_steps": 60,
+                                           "training.checkpoint_every": 10,
+                                           "training.log_every": 10,
+                                           "training.sample_every": 0}), straight)
+  a, _ = restored_params(killed, 60)
+  b, _ = restored_params(straight, 60)
+  for x, y in zip(leaves(a), leaves(b)):  # same data order, same noise: the same state
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_main(workdir, "--config.training.num_train_steps=100000",
+                  "--config.training.checkpoint_every=100000", "--config.training.sample_every=0",
+                  wait=False)
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "tensorboard")):
+    time.sleep(0.1)
+  time.sleep(3)  # in the loop by now
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  steps = checkpoint.Checkpointer(workdir, keep=10).all_steps()
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert f"saved the checkpoint of step {steps[0]}" in out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed, gloo; shard_map over the global mesh) train
+  the smoke config to the same state as 1 process x 4 devices (pmap)."""
+  flags = ["--config.training.num_train_steps=2", "--config.training.checkpoint_every=2",
+           "--config.training.sample_every=0", "--config.training.log_every=1"]
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  port = _free_port()
+  procs = [run_main(multi, *flags, "--config.parallel=shard_map",
+                    f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}", devices=2, wait=False) for i in range(2)]
+  procs.append(run_main(single, *flags, devices=4, wait=False))
+  outs = []
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    outs.append(out)
+  losses = [[line.split("loss ")[1].split()[0] for line in out.splitlines()
+             if line.startswith("step ")] for out in outs]
+  assert losses[0] == losses[2] and len(losses[0]) == 2  # process 0 reports, in step with one
+  assert losses[1] == []  # process 1 writes no logs
+  a, _ = restored_params(multi, 2)
+  b, _ = restored_params(single, 2)
+  # Same data, same noise: only the all-reduce's summation order differs.
+  for x, y in zip(leaves(a), leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real = data.create_input_iter
+
+  def poisoned(config, **kw):
+    for i, batch in enumerate(real(config, **kw), start=kw["start_step"] + 1):
+      if i == 5:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(train.data, "create_input_iter", poisoned)
+  workdir = str(tmp_path / "run")
+  config = smoke_config(**{"training.num_train_steps": 8, "training.checkpoint_every": 2,
+                           "training.log_every": 1, "training.sample_every": 0})
+  with pytest.raises(FloatingPointError, match=r"NaN/Inf between steps 4 and 5.*last good "
+                     r"checkpoint is step 4"):
+    train.train_and_evaluate(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, keep=10)
+  assert ckpt.all_steps() == [2, 4]
+  tree, _ = ckpt.restore()
+  assert all(np.isfinite(x).all() for x in leaves(tree))
+
+
+def test_incompatible_config_is_refused_and_nothing_is_touched(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(smoke_config(**{"training.sample_every": 0}), workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = f.read()
+  with pytest.raises(ValueError, match=r"model\.ch"):
+    train.train_and_evaluate(smoke_config(**{"model.ch": 64}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == saved
+
+
+def test_bad_input(tmp_path):
+  with pytest.raises(ValueError, match=r"does not divide over the 8 devices"):
+    train.train_and_evaluate(smoke_config(**{"training.batch_size": 12}), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=r"Unknown dataset config.data.dataset='imagenet'; accepted: cifar10"):
+    train.train_and_evaluate(smoke_config(**{"data.dataset": "imagenet"}), str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "b" / "config.json")  # refused before writing anything
+  not_prepared = smoke_config(**{"data.dataset": "cifar10", "data.image_size": 32,
+                                 "data.num_channels": 3, "model.out_channels": 3,
+                                 "data.data_dir": str(tmp_path / "no_data")})
+  with pytest.raises(Exception, match=r"tfds build cifar10"):
+    train.train_and_evaluate(not_prepared, str(tmp_path / "c"))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(Exception, match=str(blocker)):
+    train.train_and_evaluate(smoke_config(), str(blocker / "run"))
+
+
+def test_main_refuses_unknown_mode(tmp_path):
+  proc = subprocess.run([sys.executable, "main.py", "--config=configs/smoke.py",
+                         f"--workdir={tmp_path}", "--mode=serve"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0 and "--mode" in proc.stderr

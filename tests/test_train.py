@@ -1,0 +1,139 @@
+"""The train step: EMA, warmup, clipping, non-finite guard, and 1 device == 8 devices == shard_map."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import smoke
+from ddpm_jax import train
+
+
+def smoke_config(**overrides):
+  config = smoke.get_config()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+def global_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, s = config.training.batch_size, config.data.image_size
+  pixels = rng.integers(0, 256, size=(b, s, s, config.data.num_channels))
+  return {"image": (pixels / 127.5 - 1).astype(np.float32),
+          "label": rng.integers(0, 10, size=(b,)).astype(np.int32)}
+
+
+def run_steps(config, devices, num_steps=2):
+  """num_steps train steps on the same global batches over `devices`; the host state and metrics."""
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  par = train.Parallel(config, train.make_train_step(config), devices=devices)
+  p_state = par.put_state(state)
+  for i in range(num_steps):
+    p_state, metrics = par.step(p_state, par.put_batch(global_batch(config, i)), jax.random.PRNGKey(1))
+  return par.get(p_state), par.get(metrics)
+
+
+def assert_trees_close(a, b, rtol, atol):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_same_global_batch_same_state_on_1_and_8_devices_pmap_and_shard_map():
+  assert jax.device_count() >= 8, "tests/conftest.py asks XLA for 8 CPU devices"
+  config = smoke_config(**{"training.batch_size": 16})
+  one, m1 = run_steps(config, jax.devices()[:1])
+  eight, m8 = run_steps(config, jax.devices()[:8])
+  config.parallel = "shard_map"
+  shard, ms = run_steps(config, jax.devices()[:8])
+  assert int(one.step) == int(eight.step) == int(shard.step) == 2
+  # Same examples, same noise, same dropout: only float summation order differs.
+  for other, m in ((eight, m8), (shard, ms)):
+    assert_trees_close(one.params, other.params, rtol=1e-4, atol=2e-6)
+    assert_trees_close(one.ema_params, other.ema_params, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  # and the update is not trivial
+  init = train.create_train_state(config, jax.random.PRNGKey(0))
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(init.params)))
+  assert moved > 1e-4
+
+
+def test_ema_update_equals_its_formula():
+  ema = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+  params = {"w": jnp.array([0.0, 4.0]), "b": jnp.array(-1.0)}
+  out = train.ema_update(ema, params, 0.9)
+  np.testing.assert_allclose(out["w"], [0.9, 2.2], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], 2.6, rtol=1e-6)
+
+
+def test_ema_after_steps_follows_params():
+  config = smoke_config(**{"training.ema_decay": 0.9, "training.extra_ema_decays": (0.5,)})
+  state0 = train.create_train_state(config, jax.random.PRNGKey(0))
+  state1, _ = run_steps(config, jax.devices()[:1], num_steps=1)
+  for ema0, ema1, decay in zip(state0.ema_params, state1.ema_params, (0.9, 0.5)):
+    want = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema0, state1.params)
+    assert_trees_close(ema1, want, rtol=1e-6, atol=1e-7)
+
+
+def test_warmup_schedule_values():
+  config = smoke_config(**{"optim.learning_rate": 2e-4, "optim.warmup_steps": 5000})
+  lr = train.learning_rate_fn(config)
+  for step, want in [(0, 0.0), (1, 2e-4 / 5000), (2500, 1e-4), (5000, 2e-4), (800_000, 2e-4)]:
+    assert float(lr(step)) == pytest.approx(want, rel=1e-3, abs=1e-12)  # float32 arithmetic
+
+
+def test_gradients_are_clipped_to_the_global_norm():
+  config = smoke_config(**{"optim.grad_clip": 1.0})
+  tx = train.make_optimizer(config)
+  params = {"a": jnp.zeros(3), "b": jnp.zeros(4)}
+  grads = {"a": jnp.full(3, 3.0), "b": jnp.full(4, 4.0)}  # global norm sqrt(27 + 64)
+  _, opt_state = tx.update(grads, tx.init(params), params)
+  mu = opt_state[1][0].mu  # Adam's first moment after one step: (1 - b1) * clipped gradient
+  norm = float(optax.tree.norm(mu)) / (1 - config.optim.b1)
+  assert norm == pytest.approx(1.0, rel=1e-5)
+  small = {"a": jnp.full(3, 0.1), "b": jnp.full(4, 0.1)}  # under the threshold: untouched
+  _, opt_state = tx.update(small, tx.init(params), params)
+  np.testing.assert_allclose(opt_state[1][0].mu["a"], 0.1 * (1 - config.optim.b1), rtol=1e-6)
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted():
+  config = smoke_config()
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  par = train.Parallel(config, train.make_train_step(config), devices=jax.devices()[:2])
+  p_state = par.put_state(state)
+  batch = global_batch(config)
+  batch["image"][0, 0, 0, 0] = np.nan
+  p_state, metrics = par.step(p_state, par.put_batch(batch), jax.random.PRNGKey(1))
+  host = par.get(p_state)
+  m = par.get(metrics)
+  assert int(m["nonfinite"]) == 1 and int(host.nonfinite_steps) == 1 and int(host.step) == 1
+  assert_trees_close(host.params, state.params, rtol=0, atol=0)
+  assert_trees_close(host.ema_params, state.ema_params, rtol=0, atol=0)
+
+
+def test_metrics():
+  config = smoke_config()
+  _, m = run_steps(config, jax.devices()[:2], num_steps=1)
+  assert set(m) == {"loss", "loss_by_quartile", "grad_norm", "learning_rate", "nonfinite"}
+  assert m["loss_by_quartile"].shape == (4,)
+  assert float(m["learning_rate"]) == 0.0  # step 0 of the warmup
+  assert np.isfinite(m["loss"]) and float(m["grad_norm"]) > 0
+
+
+def test_batch_that_does_not_divide_over_devices():
+  config = smoke_config(**{"training.batch_size": 12})
+  with pytest.raises(ValueError, match=r"training.batch_size=12 \(global\) does not divide over the 8 devices"):
+    train.check_batch_size(config)
+
+
+def test_bad_parallel_and_ema_settings():
+  with pytest.raises(ValueError, match=r"Unknown parallel mapping 'pjit'; accepted: pmap, shard_map"):
+    train.Parallel(smoke_config(parallel="pjit"), lambda *a: a)
+  with pytest.raises(ValueError, match=r"EMA decays must be floats in \[0, 1\), got 1.5"):
+    train.ema_decays(smoke_config(**{"training.ema_decay": 1.5}))
