@@ -4,6 +4,7 @@ Only process 0 reports; every method is a no-op on the others.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
@@ -12,6 +13,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -29,14 +31,15 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, images: np.ndarray, upscale: int = 1) -> None:
-  """Writes a grid of images as PNG atomically (a temporary file, then a rename)."""
+  """Writes a grid of images as PNG (local or gs://), through a temporary file and a rename."""
   grid = image_grid(images)
   if upscale > 1:  # small images (8x8 digits) are easier to look at enlarged
     grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
-  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  tmp = path + ".tmp"
-  image.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.rename(path)
 
 
 def _duration(seconds: float) -> str:
@@ -56,7 +59,7 @@ class Reporter:
     self.samples_dir = os.path.join(workdir, "samples")
     self.writer = None
     if self.active:
-      os.makedirs(self.samples_dir, exist_ok=True)
+      epath.Path(self.samples_dir).mkdir(parents=True, exist_ok=True)
       from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
       self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 

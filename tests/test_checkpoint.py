@@ -148,17 +148,6 @@ def test_unwritable_workdir_is_one_clear_error(tmp_path):
     checkpoint.write_or_check_config(str(regular_file), default.get_config())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_workdir_is_one_clear_error(tmp_path):
-  checkpoint.write_or_check_config(str(tmp_path), default.get_config())
-  os.chmod(tmp_path, 0o555)
-  try:
-    with pytest.raises(ValueError, match="Cannot write the run directory"):
-      checkpoint.write_or_check_config(str(tmp_path), default.get_config())
-  finally:
-    os.chmod(tmp_path, 0o755)
-
-
 _READ_ONLY_CHECK = """
 import sys
 from configs import default
@@ -171,22 +160,27 @@ print(tuple(checkpoint.read_config(sys.argv[1]).model.ch_mult))
 """
 
 
-def test_read_only_mount_as_root_is_one_clear_error(tmp_path):
-  """An existing run on a read-only file system (root can write anywhere else): a private mount
-  namespace, so nothing leaks out of the test."""
-  src, mnt = tmp_path / "src", tmp_path / "mnt"
+def test_read_only_workdir_is_one_clear_error(tmp_path):
+  """An existing run that can no longer be written: reading still works, writing says why."""
+  src = tmp_path / "src"
   src.mkdir()
-  mnt.mkdir()
   checkpoint.write_or_check_config(str(src), default.get_config())
+  if os.geteuid() != 0:
+    os.chmod(src, 0o555)
+    try:
+      with pytest.raises(ValueError, match=f"Cannot write the run directory {src}"):
+        checkpoint.write_or_check_config(str(src), default.get_config())
+    finally:
+      os.chmod(src, 0o755)
+    return
+  # root writes into read-only directories, so use a read-only bind mount in a private mount
+  # namespace (nothing leaks out of the test).
+  mnt = tmp_path / "mnt"
+  mnt.mkdir()
   script = (f"mount --bind {src} {mnt} && mount -o remount,bind,ro {mnt} && "
             f"{sys.executable} -c '{_READ_ONLY_CHECK}' {mnt}")
-  try:
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-  except FileNotFoundError:
-    pytest.skip("no unshare")
-  if "mount" in proc.stderr or "unshare" in proc.stderr:
-    pytest.skip(f"cannot make a read-only mount here: {proc.stderr.strip()[-200:]}")
+  proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"Cannot write the run directory {mnt} (Read-only file system" in proc.stdout
   assert proc.stdout.strip().endswith("(1, 2, 2, 2)")  # reading still works
