@@ -162,12 +162,15 @@ def write_or_check_config(workdir: str,
     except OSError as e:
       raise _workdir_error(workdir, e) from e
 
-  if not path.exists():
+  def write():
     if primary:
       try:
         _write_atomically(path, new_text + "\n")
       except OSError as e:
         raise _workdir_error(workdir, e) from e
+
+  if not path.exists():
+    write()
     return config
 
   try:
@@ -194,11 +197,7 @@ def write_or_check_config(workdir: str,
   if changed:
     logging.info("Updating %s: %s.", path, ", ".join(
         f"{k} {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}" for k in changed))
-    if primary:
-      try:
-        _write_atomically(path, new_text + "\n")
-      except OSError as e:
-        raise _workdir_error(workdir, e) from e
+    write()
   return config
 
 

@@ -17,16 +17,18 @@ from etils import epath
 from PIL import Image
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """[N, S, S, C] floats in [-1, 1] -> one uint8 [rows*S, cols*S, C] grid, as square as possible."""
+def image_grid(images: np.ndarray, padding: int = 1) -> np.ndarray:
+  """[N, S, S, C] floats in [-1, 1] -> one uint8 grid, as square as possible, the images apart
+  by `padding` grey pixels (and framed by them): [rows*(S+p)+p, cols*(S+p)+p, C]."""
   n, s, _, c = images.shape
   cols = math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   pixels = np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  grid = np.zeros((rows * s, cols * s, c), np.uint8)
+  step = s + padding
+  grid = np.full((rows * step + padding, cols * step + padding, c), 128, np.uint8)
   for i, image in enumerate(pixels):
     r, q = divmod(i, cols)
-    grid[r * s:(r + 1) * s, q * s:(q + 1) * s] = image
+    grid[padding + r * step:padding + r * step + s, padding + q * step:padding + q * step + s] = image
   return grid
 
 

@@ -15,12 +15,14 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ddpm_jax import diffusion
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.schedules import Schedule, make_schedule
+from ddpm_jax.unet import UNet
 
 SAMPLERS = ("ancestral", "ddim")
 
@@ -187,9 +189,9 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
 # ----------------------------------------------------------------------------- research entry point
 
 
-def _schedule_of(config) -> Schedule:
+def schedule_from_config(config) -> Schedule:
+  """The run's Schedule from config.diffusion."""
   d = config.diffusion
-  from ddpm_jax.schedules import make_schedule  # pylint: disable=import-outside-toplevel
   return make_schedule(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
                        beta_end=d.beta_end)
 
@@ -198,11 +200,9 @@ def _schedule_of(config) -> Schedule:
 def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float,
                       per_device: int, devices: tuple):
   """A pmapped chain for one (config, sampler) over `devices`, compiled once and cached."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from ddpm_jax.unet import UNet  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(json.loads(config_json))
   model = UNet(**_model_kwargs(config))
-  sched = _schedule_of(config)
+  sched = schedule_from_config(config)
   d, s = config.diffusion, config.sampling
   shape = (per_device, config.data.image_size, config.data.image_size, config.data.num_channels)
   common = dict(mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised)

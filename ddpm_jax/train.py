@@ -27,7 +27,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint, data, diffusion, sampling
 from ddpm_jax.reporting import Reporter
-from ddpm_jax.schedules import Schedule, make_schedule
 from ddpm_jax.unet import UNet
 
 PARALLEL = ("pmap", "shard_map")
@@ -53,12 +52,6 @@ def ema_decays(config) -> Tuple[float, ...]:
       raise ValueError(f"EMA decays must be floats in [0, 1), got {d!r} in training.ema_decay/"
                        "extra_ema_decays.")
   return tuple(float(d) for d in decays)
-
-
-def schedule_from_config(config) -> Schedule:
-  d = config.diffusion
-  return make_schedule(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
-                       beta_end=d.beta_end)
 
 
 def learning_rate_fn(config) -> optax.Schedule:
@@ -109,10 +102,10 @@ def make_train_step(config) -> Callable:
 
   batch: {"image": float32 [b, S, S, C] in [-1, 1], "label": int32 [b]} (b = per-device batch).
   key: the run's training key (the same every step; the step number is folded in here).
-  Must run under a mapping with axis name "batch" (see `parallelize`).
+  Must run under a mapping with axis name "batch" (see `Parallel`).
   """
   model = UNet(**config.model)
-  sched = schedule_from_config(config)
+  sched = sampling.schedule_from_config(config)
   tx = make_optimizer(config)
   lr_fn = learning_rate_fn(config)
   decays = ema_decays(config)

@@ -19,13 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(**overrides):
+  """configs/smoke.py with dotted overrides, e.g. **{"training.batch_size": 16}."""
   config = smoke.get_config()
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -61,7 +57,7 @@ def test_train_checkpoint_resume_and_sample_grid(tmp_path):
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
   assert ckpt.all_steps() == [3, 6]  # every 3 steps, the newest 2 kept
   grid = Image.open(os.path.join(workdir, "samples", "ema_00000006.png"))
-  assert grid.size == (2 * 8 * 8, 2 * 8 * 8)  # 4 samples of 8x8, 2x2 grid, enlarged 8x
+  assert grid.size == (8 * (2 * 9 + 1),) * 2  # 4 samples of 8x8 in a 2x2 grid, 1-pixel gaps, 8x
   assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
   tree, meta = ckpt.restore()
   assert meta["step"] == 6 and int(np.asarray(tree["step"])) == 6

@@ -10,13 +10,9 @@ from ddpm_jax import train
 
 
 def smoke_config(**overrides):
+  """configs/smoke.py with dotted overrides, e.g. **{"training.batch_size": 16}."""
   config = smoke.get_config()
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -137,3 +133,29 @@ def test_bad_parallel_and_ema_settings():
     train.Parallel(smoke_config(parallel="pjit"), lambda *a: a)
   with pytest.raises(ValueError, match=r"EMA decays must be floats in \[0, 1\), got 1.5"):
     train.ema_decays(smoke_config(**{"training.ema_decay": 1.5}))
+
+
+def test_class_conditional_step_uses_the_labels():
+  config = smoke_config(**{"model.num_classes": 10, "training.label_dropout": 0.0})
+  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  assert "label_emb" in state.params
+  par = train.Parallel(config, train.make_train_step(config), devices=jax.devices()[:2])
+  batch = global_batch(config)
+  outs = []
+  for labels in (batch["label"], (batch["label"] + 1) % 10):
+    p_state, metrics = par.step(par.put_state(state), par.put_batch(dict(batch, label=labels)),
+                                jax.random.PRNGKey(1))
+    outs.append(par.get(p_state))
+    assert np.isfinite(par.get(metrics)["loss"])
+  # The embedding rows of the labels seen are the ones updated: other labels, other rows.
+  emb = [np.asarray(o.params["label_emb"]["embedding"]) for o in outs]
+  assert not np.allclose(emb[0], emb[1])
+
+
+def test_image_grid_places_every_image():
+  from ddpm_jax.reporting import image_grid
+  images = np.stack([np.full((2, 2, 1), v) for v in (-1.0, -0.5, 1.0)])
+  grid = image_grid(images)
+  assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 1)  # 3 images -> 2x2, one cell empty
+  assert grid[1, 1, 0] == 0 and grid[1, 4, 0] == 64 and grid[4, 1, 0] == 255
+  assert grid[0, 0, 0] == 128 and grid[4, 4, 0] == 128  # frame and the empty cell are grey
