@@ -34,6 +34,10 @@ def run_steps(config, devices, num_steps=2):
   return par.get(p_state), par.get(metrics)
 
 
+def leaves_of(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
 def assert_trees_close(a, b, rtol, atol):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
@@ -69,9 +73,11 @@ def test_ema_update_equals_its_formula():
 
 
 def test_ema_after_steps_follows_params():
-  config = smoke_config(**{"training.ema_decay": 0.9, "training.extra_ema_decays": (0.5,)})
+  config = smoke_config(**{"training.ema_decay": 0.9, "training.extra_ema_decays": (0.5,),
+                           "optim.warmup_steps": 0})  # so that step 0 moves the parameters
   state0 = train.create_train_state(config, jax.random.PRNGKey(0))
   state1, _ = run_steps(config, jax.devices()[:1], num_steps=1)
+  assert not np.allclose(leaves_of(state1.params)[0], leaves_of(state0.params)[0])
   for ema0, ema1, decay in zip(state0.ema_params, state1.ema_params, (0.9, 0.5)):
     want = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema0, state1.params)
     assert_trees_close(ema1, want, rtol=1e-6, atol=1e-7)
@@ -136,7 +142,8 @@ def test_bad_parallel_and_ema_settings():
 
 
 def test_class_conditional_step_uses_the_labels():
-  config = smoke_config(**{"model.num_classes": 10, "training.label_dropout": 0.0})
+  config = smoke_config(**{"model.num_classes": 10, "training.label_dropout": 0.0,
+                           "optim.warmup_steps": 0})  # a non-zero learning rate at step 0
   state = train.create_train_state(config, jax.random.PRNGKey(0))
   assert "label_emb" in state.params
   par = train.Parallel(config, train.make_train_step(config), devices=jax.devices()[:2])
