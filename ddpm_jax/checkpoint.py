@@ -245,6 +245,24 @@ def _leaves_by_path(tree: Any) -> Dict[str, Any]:
   return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def tree_mismatch(have: Any, want: Any) -> str:
+  """How the leaves of `have` differ from those of `want` by path and shape ("" if they match)."""
+  have, want = _leaves_by_path(have), _leaves_by_path(want)
+  problems = []
+  missing = [k for k in want if k not in have]
+  extra = [k for k in have if k not in want]
+  if missing:
+    problems.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+  if extra:
+    problems.append(f"unexpected {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+  shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+  for k in want.keys() & have.keys():
+    s, t = shape(have[k]), shape(want[k])
+    if s != t:
+      problems.append(f"{k} has shape {s}, expected {t}")
+  return "; ".join(sorted(problems)[:8])
+
+
 def _steps_text(steps: Iterable[int]) -> str:
   steps = list(steps)
   return ", ".join(map(str, steps)) if steps else "none"
@@ -409,22 +427,11 @@ class Checkpointer:
     return out[STATE_ITEM], out[META_ITEM]
 
   def _check_target(self, step: int, saved: Any, target: Any) -> None:
-    have, want = _leaves_by_path(saved), _leaves_by_path(target)
-    problems = []
-    missing = [k for k in want if k not in have]
-    extra = [k for k in have if k not in want]
-    if missing:
-      problems.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if extra:
-      problems.append(f"unexpected {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
-    for k in want.keys() & have.keys():
-      s, t = tuple(getattr(have[k], "shape", ())), tuple(np.shape(want[k]))
-      if s != t:
-        problems.append(f"{k} has shape {s}, expected {t}")
-    if problems:
+    problem = tree_mismatch(saved, target)
+    if problem:
       raise ValueError(f"Checkpoint step {step} in {self.directory} does not match the expected "
-                       f"state ({'; '.join(sorted(problems)[:8])}); it was written by a different "
-                       "model or config than the one given.")
+                       f"state ({problem}); it was written by a different model or config than "
+                       "the one given.")
 
   def restore_params_only(self, step: Optional[int] = None, *,
                           ema_index: Optional[int] = 0) -> Any:

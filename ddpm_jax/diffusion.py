@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
+from ddpm_jax import rng
 from ddpm_jax.schedules import Schedule
 
 MEAN_TYPES = ("eps", "x0", "v")
@@ -279,14 +280,16 @@ def bits_per_dim(sched: Schedule, model_fn: ModelFn, x0, key, *, mean_type: str 
   """The full variational bound of the DDPM paper on x0 [B, ...] (grid data in [-1, 1]).
 
   Every term L_0 ... L_{T-1} is evaluated at one draw of x_t ~ q(x_t | x_0), by a scan over t so
-  that memory does not grow with T. The noise of step t is drawn from fold_in(key, t).
+  that memory does not grow with T. The noise of step t is drawn from fold_in(key, t); `key` may
+  be one key or one key per example ([B]), which makes each example's estimate independent of
+  the batch it is evaluated in.
   Returns dict(total_bpd [B], prior_bpd [B], terms_bpd [B, T]); total = sum(terms) + prior.
   """
   check_options(mean_type, var_type)
   batch = x0.shape[0]
 
   def term(carry, t):
-    noise = jax.random.normal(jax.random.fold_in(key, t), x0.shape, x0.dtype)
+    noise = rng.normal(rng.fold_in(key, t), x0.shape, x0.dtype)
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
     x_t = q_sample(sched, x0, t_b, noise)
     return carry, vb_terms_bpd(sched, model_fn, x0, x_t, t_b, mean_type=mean_type,

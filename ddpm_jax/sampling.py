@@ -18,38 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import checkpoint, diffusion, rng
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.schedules import Schedule, make_schedule
 from ddpm_jax.unet import UNet
 
 SAMPLERS = ("ancestral", "ddim")
-
-
-# ----------------------------------------------------------------------------- keys
-
-
-def _is_key_batch(key) -> bool:
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key.ndim == 1
-  return key.ndim == 2  # raw uint32 keys: [2] for one key, [B, 2] for a batch
-
-
-def _fold_in(key, data):
-  if _is_key_batch(key):
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
-  return jax.random.fold_in(key, data)
-
-
-def _normal(key, shape, dtype=jnp.float32):
-  """Standard normal noise of `shape`; with a key batch, row b is drawn from key[b] alone."""
-  if _is_key_batch(key):
-    if key.shape[0] != shape[0]:
-      raise ValueError(f"A batch of {key.shape[0]} keys cannot draw {shape[0]} samples; pass one "
-                       "key or one key per sample.")
-    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
-  return jax.random.normal(key, shape, dtype)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -62,7 +37,7 @@ def p_sample(sched: Schedule, model_fn: ModelFn, x_t, t, key, *, mean_type: str 
   out = diffusion.p_mean_variance(sched, model_fn(x_t, t), x_t, t, mean_type=mean_type,
                                   var_type=var_type, clip_denoised=clip_denoised)
   nonzero = (t != 0).astype(x_t.dtype).reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
-  noise = _normal(key, x_t.shape, x_t.dtype)
+  noise = rng.normal(key, x_t.shape, x_t.dtype)
   return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
 
 
@@ -77,7 +52,7 @@ def _ddim_step(sched: Schedule, model_fn: ModelFn, x_t, t, key, *, eta, mean_typ
   # sigma^2 = eta^2 (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev) = eta^2 beta~_t.
   sigma = eta * jnp.sqrt(sched.posterior_variance[t]).reshape(shape)
   direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma ** 2, 0.0)) * eps
-  noise = _normal(key, x_t.shape, x_t.dtype)
+  noise = rng.normal(key, x_t.shape, x_t.dtype)
   return jnp.sqrt(alpha_bar_prev) * out["pred_x0"] + direction + sigma * noise
 
 
@@ -116,7 +91,7 @@ def _run_chain(step: Callable, x_T, num_steps: int, key, return_trajectory: bool
   batch = x_T.shape[0]
 
   def body(x, i):
-    return step(x, jnp.full((batch,), i, jnp.int32), _fold_in(key, i)), None
+    return step(x, jnp.full((batch,), i, jnp.int32), rng.fold_in(key, i)), None
 
   steps = jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)
   if not return_trajectory:
@@ -154,8 +129,8 @@ def p_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key,
     return p_sample(sched_r, model_r, x, i, k, mean_type=mean_type, var_type=var_type,
                     clip_denoised=clip_denoised)
 
-  x_T = _normal(_fold_in(key, 0), shape)
-  return _run_chain(step, x_T, sched_r.num_timesteps, _fold_in(key, 1), return_trajectory,
+  x_T = rng.normal(rng.fold_in(key, 0), shape)
+  return _run_chain(step, x_T, sched_r.num_timesteps, rng.fold_in(key, 1), return_trajectory,
                     trajectory_stride)
 
 
@@ -181,8 +156,8 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
     return _ddim_step(sched_r, model_r, x, i, k, eta=eta, mean_type=mean_type,
                       var_type=var_type, clip_denoised=clip_denoised)
 
-  x_T = _normal(_fold_in(key, 0), shape)
-  return _run_chain(step, x_T, sched_r.num_timesteps, _fold_in(key, 1), return_trajectory,
+  x_T = rng.normal(rng.fold_in(key, 0), shape)
+  return _run_chain(step, x_T, sched_r.num_timesteps, rng.fold_in(key, 1), return_trajectory,
                     trajectory_stride)
 
 
@@ -196,43 +171,134 @@ def schedule_from_config(config) -> Schedule:
                        beta_end=d.beta_end)
 
 
+def model_kwargs(config, dtype: Optional[str] = None) -> dict:
+  """UNet(**model_kwargs(config)): config.model with tuples restored (JSON writes lists)."""
+  kwargs = dict(config.model)
+  for k in ("ch_mult", "attn_resolutions"):
+    kwargs[k] = tuple(kwargs[k])
+  if dtype is not None:
+    kwargs["dtype"] = dtype
+  return kwargs
+
+
+def guided_model_fn(model: UNet, params, labels, guidance_scale: float) -> ModelFn:
+  """model_fn(x_t, t) of a trained UNet, with class labels and classifier-free guidance.
+
+  labels: int [B] (num_classes is the null label) or None (unconditional models, or the null
+  label of a conditional one). guidance_scale w (Ho & Salimans, 2022, eq. 6): the mean output
+  becomes (1 + w) * out(x, y) - w * out(x, null); w = 0 is the plain conditional model and
+  costs one forward pass per step, w != 0 two (run as one doubled batch). A learned variance
+  is taken from the conditional output.
+  """
+  def apply(x, t, y):
+    return model.apply({"params": params}, x, t, train=False, y=y)
+
+  if labels is None or not guidance_scale:
+    return lambda x, t: apply(x, t, labels)
+
+  def model_fn(x, t):
+    null = jnp.full_like(labels, model.num_classes)
+    out = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(out, 2)
+    c = x.shape[-1]
+    mean = (1.0 + guidance_scale) * cond[..., :c] - guidance_scale * uncond[..., :c]
+    return jnp.concatenate([mean, cond[..., c:]], axis=-1)
+
+  return model_fn
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float,
-                      per_device: int, devices: tuple):
-  """A pmapped chain for one (config, sampler) over `devices`, compiled once and cached."""
+                      guidance_scale: float, dtype: Optional[str], per_device: int,
+                      devices: tuple):
+  """chain(params, keys [n*b], labels [n*b]) -> x_0 [n*b, S, S, C] over the n `devices`.
+
+  One jit-compiled shard_map, cached per (config, sampler settings, devices): every device runs
+  the whole chain (one lax.scan) on its b = per_device samples; no communication between them.
+  """
   config = ml_collections.ConfigDict(json.loads(config_json))
-  model = UNet(**_model_kwargs(config))
+  model = UNet(**model_kwargs(config, dtype))
   sched = schedule_from_config(config)
   d, s = config.diffusion, config.sampling
   shape = (per_device, config.data.image_size, config.data.image_size, config.data.num_channels)
   common = dict(mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised)
+  conditional = bool(config.model.num_classes)
 
-  def chain(params, keys):
-    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+  def chain(params, keys, labels):
+    model_fn = guided_model_fn(model, params, labels if conditional else None, guidance_scale)
     if sampler == "ddim":
       return ddim_sample_loop(sched, model_fn, shape, keys, num_steps=num_steps, eta=eta, **common)
     steps = None if num_steps == sched.num_timesteps else num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
-  return jax.pmap(chain, in_axes=(None, 0), devices=list(devices))
+  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  P = jax.sharding.PartitionSpec
+  mapped = jax.shard_map(chain, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                         out_specs=P("batch"), check_vma=False)
+  return jax.jit(mapped), mesh
 
 
-def _model_kwargs(config) -> dict:
-  kwargs = dict(config.model)
-  for k in ("ch_mult", "attn_resolutions"):  # JSON turns tuples into lists
-    kwargs[k] = tuple(kwargs[k])
-  return kwargs
+def check_params(params, config) -> None:
+  """Raises one ValueError if `params` are not parameters of UNet(**config.model)."""
+  size, channels = config.data.image_size, config.data.num_channels
+  x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  want = jax.eval_shape(lambda: UNet(**model_kwargs(config)).init(
+      jax.random.PRNGKey(0), jnp.zeros(x.shape), jnp.zeros(t.shape, jnp.int32)))["params"]
+  problem = checkpoint.tree_mismatch(params, want)
+  if problem:
+    raise ValueError(f"The params do not fit the config's model ({problem}); pass the config "
+                     "that `params, config = ddpm_jax.load(workdir)` returned with them.")
+
+
+def _check_int(name, value, low, high=None, what=""):
+  ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
+  if not ok or value < low or (high is not None and value > high):
+    accepted = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    raise ValueError(f"{name} must be {accepted}{what}, got {value!r}.")
+
+
+def _labels(labels, keys, num_samples: int, num_classes: int):
+  """int32 [num_samples] labels: given, or drawn uniformly from each sample's own key."""
+  if not num_classes:
+    if labels is not None:
+      raise ValueError("labels were given for an unconditional model (config.model.num_classes "
+                       "= 0); pass labels=None.")
+    return np.zeros((num_samples,), np.int32)
+  if labels is None:
+    draw = lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, num_classes)
+    return np.asarray(jax.vmap(draw)(keys), np.int32)
+  labels = np.asarray(labels)
+  if labels.ndim == 0:
+    labels = np.full((num_samples,), labels)
+  if (labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer)
+      or labels.min() < 0 or labels.max() > num_classes):
+    raise ValueError(f"labels must be one int or {num_samples} ints in [0, {num_classes}] "
+                     f"({num_classes} is the null label), got {labels!r}.")
+  return labels.astype(np.int32)
 
 
 def sample(params, key, *, config=None, num_samples: Optional[int] = None,
            sampler: Optional[str] = None, num_steps: Optional[int] = None,
-           eta: Optional[float] = None) -> jnp.ndarray:
+           eta: Optional[float] = None, labels=None, guidance_scale: Optional[float] = None,
+           dtype: Optional[str] = None, first_index: int = 0,
+           devices: Optional[Sequence[jax.Device]] = None) -> jnp.ndarray:
   """Draws images from a trained model: float32 [num_samples, S, S, C] in [-1, 1].
 
   params: the (EMA) parameters, e.g. from `ddpm_jax.load(workdir)`; config: that run's config.
-  sampler ("ancestral" | "ddim"), num_steps and eta default to config.sampling. Sample i's noise
-  comes from fold_in(key, i) alone, so the same key gives the same samples on any device count.
-  The batch is spread over all local devices, config.sampling.batch_size samples per call.
+  sampler ("ancestral" | "ddim"), num_steps (in [1, T]; < T respaces the chain), eta (DDIM),
+  guidance_scale and num_samples default to config.sampling; dtype ("float32" | "bfloat16")
+  to config.model.dtype.
+  labels: class-conditional models only: one int or [num_samples] ints in [0, num_classes]
+  (num_classes is the null label); None draws each sample's label from its own key.
+  guidance_scale: classifier-free guidance weight w (see `guided_model_fn`); 0 is none.
+
+  Sample i is drawn from fold_in(key, first_index + i) alone (its x_T, its noise and its
+  label), so the same key gives the same samples on any number of devices or hosts, and
+  `first_index` lets a long job be cut into resumable pieces. The work is spread over `devices`
+  (all local devices by default), config.sampling.batch_size samples per compiled call.
+  The output is clipped to [-1, 1].
   """
   if config is None:
     raise ValueError("sample() needs the run's config: pass config=..., as returned with the "
@@ -240,24 +306,57 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   s = config.sampling
   sampler = s.sampler if sampler is None else sampler
   diffusion.check_choice("sampler", sampler, SAMPLERS)
-  num_steps = s.num_steps if num_steps is None else num_steps
   T = config.diffusion.num_timesteps
-  if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must be an integer in [1, {T}] (the run's num_timesteps), "
-                     f"got {num_steps!r}.")
+  num_steps = s.num_steps if num_steps is None else num_steps
+  _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
   num_samples = s.num_samples if num_samples is None else num_samples
-  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
-  eta = s.eta if eta is None else float(eta)
+  _check_int("num_samples", num_samples, 1)
+  _check_int("first_index", first_index, 0)
+  eta = float(s.eta if eta is None else eta)
+  if not eta >= 0:
+    raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
+  guidance_scale = float(s.get("guidance_scale", 0.0) if guidance_scale is None
+                         else guidance_scale)
+  num_classes = config.model.num_classes
+  if guidance_scale and not num_classes:
+    raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, but "
+                     "config.model.num_classes is 0; use guidance_scale=0.")
+  if dtype is not None:
+    diffusion.check_choice("dtype", dtype, ("float32", "bfloat16"))
+  _check_int("sampling.batch_size", s.batch_size, 1)
 
-  devices = tuple(jax.local_devices())
+  devices = tuple(jax.local_devices() if devices is None else devices)
   per_device = max(1, min(s.batch_size, num_samples) // len(devices))
   per_call = per_device * len(devices)
-  run = _compiled_sampler(config.to_json(), sampler, num_steps, eta, per_device, devices)
+  config_json = config.to_json()
+  _checked_params(params, config_json)
+  run, mesh = _compiled_sampler(config_json, sampler, num_steps, eta, guidance_scale, dtype,
+                                per_device, devices)
+  P = jax.sharding.PartitionSpec
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))  # once, not per call
+  batch = jax.sharding.NamedSharding(mesh, P("batch"))
+  index = jnp.arange(first_index, first_index + num_samples)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+  all_labels = _labels(labels, keys, num_samples, num_classes)
   images = []
   for start in range(0, num_samples, per_call):
-    index = jnp.arange(start, start + per_call)  # past num_samples: padding, dropped below
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
-    out = run(params, keys.reshape((len(devices), per_device) + keys.shape[1:]))
-    images.append(np.asarray(out).reshape((per_call,) + out.shape[2:]))
-  return jnp.asarray(np.concatenate(images)[:num_samples])
+    stop = min(start + per_call, num_samples)
+    pad = per_call - (stop - start)  # the last call is padded with copies of its first sample
+    k = jnp.concatenate([keys[start:stop]] + [keys[start:start + 1]] * pad)
+    y = np.concatenate([all_labels[start:stop]] + [all_labels[start:start + 1]] * pad)
+    out = run(params, jax.device_put(k, batch), jax.device_put(y, batch))
+    images.append(out[:stop - start])
+  return jnp.clip(jnp.concatenate([np.asarray(x) for x in images]), -1.0, 1.0)
+
+
+def _checked_params(params, config_json: str) -> None:
+  """check_params once per (config, params structure): eval_shape of a large UNet takes time."""
+  structure = str(jax.tree_util.tree_structure(params)) + str(
+      [np.shape(x) for x in jax.tree_util.tree_leaves(params)])
+  if (config_json, structure) in _checked:
+    return
+  check_params(params, ml_collections.ConfigDict(json.loads(config_json)))
+  _checked.add((config_json, structure))
+
+
+_checked: set = set()

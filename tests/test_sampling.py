@@ -302,7 +302,7 @@ f = lambda x, t: x
     (lambda: ddpm_jax.p_sample_loop(SCHED, f, X_SHAPE, jax.random.key(0), return_trajectory=True,
                                     trajectory_stride=0), r"trajectory_stride must be an integer >= 1, got 0"),
     (lambda: ddpm_jax.p_sample_loop(SCHED, f, X_SHAPE, jax.random.split(jax.random.key(0), 3)),
-     r"A batch of 3 keys cannot draw 2 samples"),
+     r"A batch of 3 keys cannot draw 2 examples"),
     (lambda: ddpm_jax.p_sample_loop(SCHED, f, X_SHAPE, jax.random.key(0), var_type="learned_range"),
      r"needs \(2, 4, 4, 6\): 6 channels for x_t with 3"),
 ])
