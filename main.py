@@ -1,11 +1,15 @@
 """ddpm_jax: train, sample from, or evaluate a DDPM run in one workdir.
 
     python main.py --config=configs/cifar10.py --workdir=/path/to/run               # train
-    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=sample
-    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval
+    python main.py --workdir=/path/to/run --mode=sample      # the run's own config.json
+    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval \
+        --config.eval.inception_weights=/path/to/pt_inception-2015-12-05.npz
 
 Any config field can be overridden, e.g. --config.training.batch_size=256. Restarting the same
-command resumes from the workdir's latest checkpoint. On several hosts run the same command on
+command resumes from the workdir's latest checkpoint (training) or keeps what is already
+written (sampling). --mode=sample and --mode=eval read the run's config.json when --config is
+not given; with --config, its model and diffusion fields must match the run's, and its
+sampling/eval fields are used (e.g. --config.sampling.sampler=ddim). On several hosts run the same command on
 every host: Cloud TPU pods and SLURM/Open MPI jobs are detected; elsewhere pass
 --coordinator_address, --num_processes and --process_id.
 """
@@ -23,7 +27,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for mu
                     "that are not detected automatically.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_integer("step", None, "--mode=sample/eval: the checkpoint step (default: latest).")
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 # Environment variables that mean "this is one process of several" on the clusters jax detects.
@@ -56,12 +61,23 @@ def main(argv):
                jax.devices()[0].device_kind)
   config = FLAGS.config
   if FLAGS.mode == "train":
+    if config is None:
+      raise app.UsageError("Training needs --config, e.g. --config=configs/cifar10.py.")
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(config, FLAGS.workdir)
+    return
+  from ddpm_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if config is None:
+    config = checkpoint.read_config(FLAGS.workdir)
   else:
-    raise app.UsageError(
-        f"--mode={FLAGS.mode} is not available yet: it lands with the sampling and evaluation "
-        "issue. Meanwhile use ddpm_jax.load(workdir) and ddpm_jax.sample(...) from Python.")
+    checkpoint.check_config(FLAGS.workdir, config)
+  if FLAGS.mode == "sample":
+    from ddpm_jax import generate  # pylint: disable=import-outside-toplevel
+    directory = generate.generate(config, FLAGS.workdir, step=FLAGS.step)
+    logging.info("Samples written to %s.", directory)
+  else:
+    from ddpm_jax import evaluation  # pylint: disable=import-outside-toplevel
+    evaluation.evaluate(config, FLAGS.workdir, step=FLAGS.step)
 
 
 if __name__ == "__main__":

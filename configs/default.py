@@ -57,20 +57,30 @@ def get_config() -> ml_collections.ConfigDict:
   training.checkpoint_every = 10_000
   training.keep_checkpoints = 3
   training.sample_every = 50_000
-  training.eval_every = 0  # 0 turns in-training evaluation off
+  training.eval_every = 0  # > 0: bits/dim of a held-out batch (and FID, see eval.*) every N steps
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ancestral"  # ancestral | ddim
   sampling.num_steps = 1000  # < num_timesteps respaces the chain
   sampling.eta = 0.0
   sampling.clip_denoised = True
-  sampling.num_samples = 64
-  sampling.batch_size = 256
+  sampling.guidance_scale = 0.0  # classifier-free guidance weight w (class-conditional models)
+  sampling.num_samples = 64  # --mode=sample writes this many
+  sampling.batch_size = 256  # per host and compiled call; also the size of the .npz shards
 
   config.eval = evaluation = ml_collections.ConfigDict()
-  evaluation.split = "test"
-  evaluation.num_samples = 50_000
-  evaluation.inception_weights = None  # a local file path
+  evaluation.metrics = ("bpd", "fid")  # --mode=eval: "bpd" (the bound) and/or "fid" (FID and IS)
+  evaluation.split = "test"  # bits/dim split
+  evaluation.bpd_num_examples = 0  # 0: the whole split
+  evaluation.batch_size = 128  # per host, for bits/dim and Inception features
+  evaluation.num_samples = 50_000  # samples for FID/IS (written as in --mode=sample)
+  evaluation.inception_weights = None  # a local .npz; see docs/inception_weights.md
+  evaluation.fid_reference = None  # an .npz with mu, sigma; None: computed from the data
+  evaluation.fid_split = "train"  # the data split of computed reference statistics
+  evaluation.fid_reference_examples = 50_000  # at most this many examples of fid_split
+  # In-training evaluation (training.eval_every > 0) on EMA params, off by default:
+  evaluation.train_bpd_examples = 64  # bits/dim of the first N examples of eval.split
+  evaluation.train_fid_samples = 0  # > 0: also FID/IS of N samples (needs inception_weights)
 
   config.parallel = "pmap"  # pmap | shard_map
   return config

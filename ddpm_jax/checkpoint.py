@@ -41,6 +41,7 @@ META_ITEM = "meta"
 # checkpoint means (model, diffusion, data, optimizer, seed, batch size, EMA decays, ...).
 COMPATIBLE_KEYS = frozenset({
     "data.data_dir",
+    "model.dtype",  # compute dtype only: parameters are float32 whatever it is
     "parallel",
     "training.num_train_steps",
     "training.log_every",
@@ -173,6 +174,16 @@ def write_or_check_config(workdir: str,
     write()
     return config
 
+  changed = _changed_fields(workdir, path, new_text, "resume it")
+  if changed:
+    logging.info("Updating %s in %s.", ", ".join(changed), path)
+    write()
+  return config
+
+
+def _changed_fields(workdir: str, path: epath.Path, new_text: str, purpose: str) -> List[str]:
+  """The dotted fields in which `new_text` differs from the stored config.json; refuses (one
+  ValueError naming each field and both values) fields that are not `is_compatible_key`."""
   try:
     old = _flatten(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
@@ -193,11 +204,17 @@ def write_or_check_config(workdir: str,
     raise ValueError(
         f"The config differs from the run in {workdir} ({path}) in fields that change what is "
         f"trained or what its checkpoints mean ({listing}); restore the run's values{hint} to "
-        f"resume it, or pass a new --workdir to start a new run.")
-  if changed:
-    logging.info("Updating %s: %s.", path, ", ".join(
-        f"{k} {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}" for k in changed))
-    write()
+        f"{purpose}, or pass a new --workdir to start a new run.")
+  return changed
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks `config` against workdir/config.json without writing anything: fields that change
+  what was trained must equal the run's (one ValueError naming them otherwise); sampling, eval
+  and the other `is_compatible_key` fields may differ. Returns `config`."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  read_config(workdir)  # a clear error for a directory that is not a run
+  _changed_fields(workdir, path, _config_json(config), "use its checkpoints")
   return config
 
 
@@ -479,6 +496,16 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- load
+
+
+def resolve_step(workdir: str, step: Optional[int] = None) -> int:
+  """`step` if workdir has a checkpoint of it, else the latest step (step=None); clear errors
+  for a workdir without checkpoints or without that step."""
+  if not (epath.Path(workdir) / CHECKPOINT_DIR).is_dir():
+    raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train "
+                            f"first with `{train_command(workdir)}`.")
+  with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
+    return ckpt._resolve_step(step)  # pylint: disable=protected-access
 
 
 def load(workdir: str, *, step: Optional[int] = None) -> Tuple[Any, ml_collections.ConfigDict]:

@@ -51,6 +51,30 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def progress_line(label: str, done: int, total: int, rate: float, unit: str) -> str:
+  """`label 30/100 [#######.................]  30.0% | 12 unit/s | ETA 0:00:05`."""
+  frac = done / max(total, 1)
+  bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+  eta = (total - done) / rate if rate > 0 else float("inf")
+  return (f"{label} {done}/{total} [{bar}] {100 * frac:5.1f}% | {rate:.1f} {unit}/s | "
+          f"ETA {_duration(eta)}")
+
+
+class Progress:
+  """A console progress line for a long job (sampling, evaluation), printed on process 0."""
+
+  def __init__(self, label: str, total: int, unit: str = "img", start: int = 0):
+    self.label, self.total, self.unit = label, total, unit
+    self.start, self.t0 = start, time.perf_counter()
+    self.active = jax.process_index() == 0
+
+  def update(self, done: int) -> None:
+    rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+    if self.active:
+      print(progress_line(self.label, done, self.total, rate, self.unit), file=sys.stderr,
+            flush=True)
+
+
 class Reporter:
   """Console progress bar, TensorBoard scalars under workdir/tensorboard, and sample grids."""
 
@@ -82,12 +106,18 @@ class Reporter:
     for name, value in scalars.items():
       self.writer.scalar(name, value, step)
     self.writer.flush()
-    eta = (self.num_steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    done = step / self.num_steps
-    bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
-    print(f"step {step}/{self.num_steps} [{bar}] {100 * done:5.1f}% | loss "
-          f"{scalars.get('loss', float('nan')):.4f} | {scalars['images_per_second']:.0f} img/s | "
-          f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
+    print(progress_line("step", step, self.num_steps, steps_per_s, "step") +
+          f" | loss {scalars.get('loss', float('nan')):.4f} | "
+          f"{scalars['images_per_second']:.0f} img/s", file=sys.stderr, flush=True)
+
+  def eval_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Logs evaluation scalars (no effect on the img/s of the progress line)."""
+    if self.active and scalars:
+      for name, value in scalars.items():
+        self.writer.scalar(name, value, step)
+      self.writer.flush()
+      print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()),
+            file=sys.stderr, flush=True)
 
   def samples(self, step: int, images: np.ndarray) -> str:
     """Writes workdir/samples/ema_{step}.png; returns its path."""

@@ -279,6 +279,39 @@ def _labels(labels, keys, num_samples: int, num_classes: int):
   return labels.astype(np.int32)
 
 
+def sample_labels(config, key, index) -> np.ndarray:
+  """int32 labels that `sample(..., labels=None)` draws for the samples of global `index` [N]."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
+  return _labels(None, keys, len(index), config.model.num_classes)
+
+
+def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, eta=None,
+                   guidance_scale=None, dtype=None) -> tuple:
+  """The sampling settings (arguments, else config.sampling), checked: one ValueError naming a
+  bad value and what is accepted. Returns (sampler, num_steps, num_samples, eta,
+  guidance_scale)."""
+  s = config.sampling
+  sampler = s.sampler if sampler is None else sampler
+  diffusion.check_choice("sampler", sampler, SAMPLERS)
+  T = config.diffusion.num_timesteps
+  num_steps = s.num_steps if num_steps is None else num_steps
+  _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
+  num_samples = s.num_samples if num_samples is None else num_samples
+  _check_int("num_samples", num_samples, 1)
+  eta = float(s.eta if eta is None else eta)
+  if not eta >= 0:
+    raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
+  guidance_scale = float(s.get("guidance_scale", 0.0) if guidance_scale is None
+                         else guidance_scale)
+  if guidance_scale and not config.model.num_classes:
+    raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, but "
+                     "config.model.num_classes is 0; use guidance_scale=0.")
+  if dtype is not None:
+    diffusion.check_choice("dtype", dtype, ("float32", "bfloat16"))
+  _check_int("sampling.batch_size", s.batch_size, 1)
+  return sampler, num_steps, num_samples, eta, guidance_scale
+
+
 def sample(params, key, *, config=None, num_samples: Optional[int] = None,
            sampler: Optional[str] = None, num_steps: Optional[int] = None,
            eta: Optional[float] = None, labels=None, guidance_scale: Optional[float] = None,
@@ -303,27 +336,11 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   if config is None:
     raise ValueError("sample() needs the run's config: pass config=..., as returned with the "
                      "params by `params, config = ddpm_jax.load(workdir)`.")
-  s = config.sampling
-  sampler = s.sampler if sampler is None else sampler
-  diffusion.check_choice("sampler", sampler, SAMPLERS)
-  T = config.diffusion.num_timesteps
-  num_steps = s.num_steps if num_steps is None else num_steps
-  _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
-  num_samples = s.num_samples if num_samples is None else num_samples
-  _check_int("num_samples", num_samples, 1)
+  sampler, num_steps, num_samples, eta, guidance_scale = check_settings(
+      config, sampler=sampler, num_steps=num_steps, num_samples=num_samples, eta=eta,
+      guidance_scale=guidance_scale, dtype=dtype)
   _check_int("first_index", first_index, 0)
-  eta = float(s.eta if eta is None else eta)
-  if not eta >= 0:
-    raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
-  guidance_scale = float(s.get("guidance_scale", 0.0) if guidance_scale is None
-                         else guidance_scale)
-  num_classes = config.model.num_classes
-  if guidance_scale and not num_classes:
-    raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, but "
-                     "config.model.num_classes is 0; use guidance_scale=0.")
-  if dtype is not None:
-    diffusion.check_choice("dtype", dtype, ("float32", "bfloat16"))
-  _check_int("sampling.batch_size", s.batch_size, 1)
+  s, num_classes = config.sampling, config.model.num_classes
 
   devices = tuple(jax.local_devices() if devices is None else devices)
   per_device = max(1, min(s.batch_size, num_samples) // len(devices))

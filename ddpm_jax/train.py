@@ -25,7 +25,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import checkpoint, data, diffusion, sampling
+from ddpm_jax import checkpoint, data, diffusion, evaluation, sampling
 from ddpm_jax.reporting import Reporter
 from ddpm_jax.unet import UNet
 
@@ -315,6 +315,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     raise ValueError(f"Unknown parallel mapping {config.parallel!r}; accepted: "
                      f"{', '.join(PARALLEL)}.")
   data.check_dataset(config, "train")
+  evaluator = None
+  if tc.get("eval_every", 0):  # built first: missing Inception weights stop the run at once
+    evaluator = evaluation.TrainingEvaluator(config, workdir)
   config = checkpoint.write_or_check_config(workdir, config)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
@@ -366,6 +369,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         n = min(64, config.sampling.num_samples)
         reporter.samples(step, np.asarray(sampling.sample(ema, sample_key, config=config,
                                                           num_samples=n)))
+      if evaluator and (step % tc.eval_every == 0 or last) and jax.process_index() == 0:
+        scalars = evaluator(step, par.get(p_state.ema_params[0]))
+        reporter.eval_scalars(step, scalars)
+        evaluation.write_results(workdir, step, {"training_eval": scalars})
       if stop:
         logging.warning("SIGTERM: saved the checkpoint of step %d in %s; stopping.", step,
                         workdir)

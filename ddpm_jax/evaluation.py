@@ -1,0 +1,349 @@
+"""--mode=eval: the DDPM paper's metrics for a checkpoint, written to workdir/eval/<step>.json.
+
+- Bits/dim: the full T-term variational bound (`diffusion.bits_per_dim`) of every example of
+  config.eval.split (or its first config.eval.bpd_num_examples), its mean with the standard
+  error of the mean, the prior term L_T, the decoder term L_0 and the mean of every L_t.
+- FID and Inception Score of config.eval.num_samples samples (written and resumed as
+  --mode=sample writes them), with Inception-v3 features in JAX from the local weights file
+  config.eval.inception_weights (docs/inception_weights.md). The reference statistics are the
+  .npz config.eval.fid_reference, or are computed from config.eval.fid_split of the dataset and
+  kept in workdir/eval/ for the next evaluation.
+
+Every host evaluates its own part (its block of the split, its sample shards); the per-example
+values are gathered, and process 0 writes the results. Without Inception weights, bits/dim
+still runs and is written; FID then fails with the sentence that says how to get the weights.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from ddpm_jax import checkpoint, data, diffusion, fid, generate, inception, sampling
+from ddpm_jax.reporting import Progress
+
+METRICS = ("bpd", "fid")
+BPD_STREAM = 0xB1D  # folded into the run's seed: the bound's noise differs from training's
+
+
+# ----------------------------------------------------------------------------- bits/dim
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_bpd(config_json: str, per_device: int, devices: tuple):
+  """bpd(params, x0 [n*b, ...], labels [n*b], keys [n*b]) -> (total, prior, terms [n*b, T])."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  model = sampling.UNet(**sampling.model_kwargs(config))
+  sched = sampling.schedule_from_config(config)
+  d = config.diffusion
+  conditional = bool(config.model.num_classes)
+
+  def bpd(params, x0, labels, keys):
+    model_fn = sampling.guided_model_fn(model, params, labels if conditional else None, 0.0)
+    out = diffusion.bits_per_dim(sched, model_fn, x0, keys, mean_type=d.mean_type,
+                                 var_type=d.var_type, clip_denoised=False)
+    return out["total_bpd"], out["prior_bpd"], out["terms_bpd"]
+
+  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  P = jax.sharding.PartitionSpec
+  mapped = jax.shard_map(bpd, mesh=mesh, in_specs=(P(), P("batch"), P("batch"), P("batch")),
+                         out_specs=P("batch"), check_vma=False)
+  return jax.jit(mapped), mesh
+
+
+def bits_per_dim_batch(config, params, images, labels, index, *, devices=None) -> dict:
+  """The bound of one batch on this host's devices (no collectives): per-example numpy arrays
+  total_bpd [B], prior_bpd [B], terms_bpd [B, T].
+
+  images: float32 [B, S, S, C] on the uint8 grid in [-1, 1]; labels int [B] (used by
+  class-conditional models); index: int [B] global example indices: example i's noise comes
+  from fold_in(bpd key, i) alone, so results do not depend on the batch or device count.
+  """
+  devices = tuple(jax.local_devices() if devices is None else devices)
+  n = len(images)
+  per_device = math.ceil(n / len(devices))
+  pad = per_device * len(devices) - n
+  run, mesh = _compiled_bpd(config.to_json(), per_device, devices)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), BPD_STREAM)
+  index = np.concatenate([np.asarray(index), np.zeros(pad, np.int64)])
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
+  images = np.concatenate([np.asarray(images, np.float32),
+                           np.zeros((pad,) + images.shape[1:], np.float32)])
+  labels = np.concatenate([np.asarray(labels, np.int32), np.zeros(pad, np.int32)])
+  P = jax.sharding.PartitionSpec
+  batch = jax.sharding.NamedSharding(mesh, P("batch"))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
+  total, prior, terms = run(params, *(jax.device_put(a, batch) for a in (images, labels, keys)))
+  return dict(total_bpd=np.asarray(total)[:n], prior_bpd=np.asarray(prior)[:n],
+              terms_bpd=np.asarray(terms)[:n])
+
+
+def _gather_rows(x: np.ndarray) -> np.ndarray:
+  """The rows of every process's `x`, concatenated in process order (x's length may differ)."""
+  if jax.process_count() == 1:
+    return x
+  counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)]))).reshape(-1)
+  padded = np.zeros((counts.max(),) + x.shape[1:], x.dtype)
+  padded[:len(x)] = x
+  everything = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([everything[p, :c] for p, c in enumerate(counts)])
+
+
+def summarize_bpd(total: np.ndarray, prior: np.ndarray, terms: np.ndarray) -> dict:
+  """Mean bits/dim with its standard error (std with ddof=1 over sqrt(N)) and the terms."""
+  n = len(total)
+  return dict(num_examples=int(n), bpd=float(total.mean()),
+              bpd_stderr=float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+              prior_bpd=float(prior.mean()), decoder_bpd=float(terms[:, 0].mean()),
+              terms_bpd=[float(v) for v in terms.mean(axis=0)])
+
+
+def bits_per_dim_on_split(config, params, *, split: Optional[str] = None,
+                          num_examples: Optional[int] = None) -> dict:
+  """The bound on `split` (default config.eval.split), over every host: see `summarize_bpd`.
+
+  num_examples (default config.eval.bpd_num_examples; 0 = all): with P hosts, host i evaluates
+  the first num_examples / P examples of its block of the split (one host: the split's first).
+  """
+  e = config.eval
+  split = e.split if split is None else split
+  num_examples = e.get("bpd_num_examples", 0) if num_examples is None else num_examples
+  if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+    raise ValueError(f"eval.bpd_num_examples must be an integer >= 0 (0: the whole split), got "
+                     f"{num_examples!r}.")
+  size = data.check_dataset(config, split)
+  pc, pi = jax.process_count(), jax.process_index()
+  start, stop = data.host_block(size, pi, pc)
+  limit = stop - start
+  if num_examples:
+    limit = min(limit, num_examples // pc + (pi < num_examples % pc))
+  per_host = max(1, min(e.batch_size, limit)) if limit else max(1, e.batch_size)
+  batches = data.create_input_iter(config, split=split, per_host_batch_size=per_host,
+                                   seed=config.seed, repeat=False, shuffle=False)
+  results, seen = [], 0
+  progress = Progress(f"bits/dim on {split}", limit * pc, unit="ex")
+  for batch in batches:
+    if seen >= limit:
+      break  # every host reads the same number of batches below, so none waits on another
+    keep = batch["mask"][:limit - seen]
+    index = start + seen + np.arange(len(keep))
+    out = bits_per_dim_batch(config, params, batch["image"][:len(keep)][keep],
+                             batch["label"][:len(keep)][keep], index[keep])
+    results.append(out)
+    seen += len(keep)
+    progress.update(seen * pc)
+  local = {k: np.concatenate([r[k] for r in results]) if results else
+           np.zeros((0,) + ((config.diffusion.num_timesteps,) if k == "terms_bpd" else ()))
+           for k in ("total_bpd", "prior_bpd", "terms_bpd")}
+  gathered = {k: _gather_rows(v.astype(np.float64)) for k, v in local.items()}
+  return dict(split=split, **summarize_bpd(gathered["total_bpd"], gathered["prior_bpd"],
+                                           gathered["terms_bpd"]))
+
+
+# ----------------------------------------------------------------------------- FID / IS
+
+
+def load_inception(config):
+  """The Inception variables from config.eval.inception_weights, or one clear error that says
+  how to obtain them (docs/inception_weights.md)."""
+  path = config.eval.get("inception_weights")
+  if not path:
+    raise FileNotFoundError(
+        "FID and IS need the Inception weights, but config.eval.inception_weights is not set: "
+        f"download {inception.WEIGHTS_FILE}, convert it with {inception.CONVERTER} and pass "
+        f"--config.eval.inception_weights=/path/to/it.npz, as {inception.WEIGHTS_DOC} explains "
+        "(bits/dim alone: --config.eval.metrics=bpd).")
+  return inception.load_inception_params(path)
+
+
+def _features(variables, images_uint8, batch_size: int):
+  images = images_uint8.astype(np.float32) / 127.5 - 1.0
+  return fid.inception_features(variables, images, batch_size=batch_size)
+
+
+def reference_statistics(config, workdir: str, variables, *, all_hosts: bool = True):
+  """(mu, sigma) of the real data: config.eval.fid_reference if set, else computed from
+  config.eval.fid_split (its first fid_reference_examples examples) and cached in
+  workdir/eval/. all_hosts=False computes on this host alone (no collectives)."""
+  e = config.eval
+  if e.get("fid_reference"):
+    return fid.load_statistics(e.fid_reference)
+  d = config.data
+  limit = int(e.fid_reference_examples)
+  name = f"fid_reference_{d.dataset.replace('/', '_')}_{e.fid_split}_{d.image_size}_{limit}.npz"
+  path = epath.Path(workdir) / "eval" / name
+  if path.exists():
+    return fid.load_statistics(os.fspath(path))
+  size = min(data.check_dataset(config, e.fid_split), limit)
+  pc, pi = (jax.process_count(), jax.process_index()) if all_hosts else (1, 0)
+  start, stop = data.host_block(size, pi, pc)
+  batches = data.create_input_iter(config, split=e.fid_split, per_host_batch_size=e.batch_size,
+                                   seed=config.seed, repeat=False, shuffle=False,
+                                   process_index=pi, process_count=pc)
+  pools, seen = [], 0
+  progress = Progress(f"FID reference ({e.fid_split})", size, unit="img")
+  # Host blocks of the first `size` examples: host i reads its block of the whole split, so the
+  # blocks of a limited reference are taken as the first examples of each host's block.
+  limit_here = stop - start
+  for batch in batches:
+    if seen >= limit_here:
+      break
+    keep = batch["mask"][:limit_here - seen]
+    pixels = np.round((batch["image"][:len(keep)][keep] + 1.0) * 127.5).astype(np.uint8)
+    pools.append(_features(variables, pixels, e.batch_size)[0])
+    seen += len(keep)
+    progress.update(seen * pc)
+  pool = np.concatenate(pools)
+  if all_hosts:
+    pool = _gather_rows(pool.astype(np.float32))
+  mu, sigma = fid.feature_statistics(pool)
+  if jax.process_index() == 0:
+    fid.save_statistics(os.fspath(path), mu, sigma)
+  return mu, sigma
+
+
+def fid_and_inception_score(config, workdir: str, params, step: int, variables) -> dict:
+  """FID against the reference statistics and Inception Score of config.eval.num_samples
+  samples, which are written as --mode=sample writes them (and reused if already there)."""
+  e = config.eval
+  n = int(e.num_samples)
+  if n < 2:
+    raise ValueError(f"eval.num_samples must be >= 2 for FID, got {n}.")
+  directory = generate.generate(config, workdir, num_samples=n, step=step, params=params)
+  shard_size = int(json.loads((directory / generate.MANIFEST).read_text())["shard_size"])
+  pc, pi = jax.process_count(), jax.process_index()
+  shards = list(range(pi, math.ceil(n / shard_size), pc))
+  images, _ = generate.read_samples(directory, n, shards=shards)
+  pool, logits = _features(variables, images, e.batch_size)
+  index = np.concatenate([np.arange(k * shard_size, min((k + 1) * shard_size, n))
+                          for k in shards]) if shards else np.zeros(0, np.int64)
+  order = np.argsort(_gather_rows(index))
+  pool = _gather_rows(pool.astype(np.float32))[order]
+  logits = _gather_rows(logits.astype(np.float32))[order]
+  mu, sigma = fid.feature_statistics(pool)
+  ref_mu, ref_sigma = reference_statistics(config, workdir, variables)
+  is_mean, is_std = fid.inception_score(logits, splits=min(10, n))
+  return dict(num_samples=n, samples=os.fspath(directory),
+              fid=fid.frechet_distance(mu, sigma, ref_mu, ref_sigma),
+              inception_score=is_mean, inception_score_std=is_std,
+              reference=e.get("fid_reference") or f"{config.data.dataset}:{e.fid_split}")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def results_path(workdir: str, step: int) -> epath.Path:
+  return epath.Path(workdir) / "eval" / f"{step:08d}.json"
+
+
+def write_results(workdir: str, step: int, results: dict) -> epath.Path:
+  """Merges `results` into workdir/eval/<step>.json (process 0; atomic rename)."""
+  path = results_path(workdir, step)
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(path.read_text()) if path.exists() else {"step": step}
+    merged.update(results)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    tmp.rename(path)
+  return path
+
+
+def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
+  """--mode=eval: config.eval.metrics of checkpoint `step` (default the latest) of the run.
+
+  Writes workdir/eval/<step>.json and returns the results. Bits/dim is computed and written
+  before FID, so missing Inception weights (reported as one clear error at the end) never
+  cost the bound.
+  """
+  metrics = tuple(config.eval.get("metrics", METRICS))
+  for m in metrics:
+    diffusion.check_choice("eval metric", m, METRICS)
+  if not metrics:
+    raise ValueError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
+  step = checkpoint.resolve_step(workdir, step)
+  params, _ = checkpoint.load(workdir, step=step)
+  sampling.check_params(params, config)
+  variables, missing_weights = None, None
+  if "fid" in metrics:
+    try:
+      variables = load_inception(config)
+    except FileNotFoundError as e:
+      missing_weights = e
+      logging.warning("%s Computing bits/dim only.", e)
+  results = {}
+  if "bpd" in metrics:
+    results["bpd"] = bits_per_dim_on_split(config, params)
+    path = write_results(workdir, step, results)
+    logging.info("Step %d: %.4f +- %.4f bits/dim on %s (%d examples); written to %s.", step,
+                 results["bpd"]["bpd"], results["bpd"]["bpd_stderr"], results["bpd"]["split"],
+                 results["bpd"]["num_examples"], path)
+  if missing_weights is not None:
+    raise missing_weights
+  if "fid" in metrics:
+    key = generate.sample_dir(workdir, config, step).name
+    results["fid"] = {key: fid_and_inception_score(config, workdir, params, step, variables)}
+    if jax.process_index() == 0:
+      path = results_path(workdir, step)
+      stored = json.loads(path.read_text()).get("fid", {}) if path.exists() else {}
+      write_results(workdir, step, {"fid": {**stored, **results["fid"]}})
+    r = results["fid"][key]
+    logging.info("Step %d: FID %.3f, IS %.3f +- %.3f (%d samples, %s).", step, r["fid"],
+                 r["inception_score"], r["inception_score_std"], r["num_samples"], key)
+  return results
+
+
+# ----------------------------------------------------------------------------- during training
+
+
+class TrainingEvaluator:
+  """In-training evaluation (training.eval_every > 0) of the EMA params, on this host alone:
+  bits/dim of the first eval.train_bpd_examples examples of eval.split (the same held-out batch
+  every time) and, with eval.train_fid_samples > 0, FID/IS of that many samples against the
+  reference statistics. Built before training, so missing weights stop the run at once."""
+
+  def __init__(self, config, workdir: str):
+    e = config.eval
+    self.config, self.workdir = config, workdir
+    n = int(e.train_bpd_examples)
+    self.batch = None
+    if n > 0:
+      data.check_dataset(config, e.split)
+      it = data.create_input_iter(config, split=e.split, per_host_batch_size=n, seed=config.seed,
+                                  repeat=False, shuffle=False, process_index=0, process_count=1)
+      batch = next(iter(it))
+      self.batch = {k: v[batch["mask"]] for k, v in batch.items()}
+    self.num_fid = int(e.train_fid_samples)
+    self.variables = load_inception(config) if self.num_fid > 0 else None
+    self.reference = None
+
+  def __call__(self, step: int, params) -> dict:
+    """Scalars {"eval/bpd": ..., "eval/fid": ..., "eval/inception_score": ...} of `params`."""
+    out = {}
+    if self.batch is not None:
+      b = self.batch
+      r = bits_per_dim_batch(self.config, params, b["image"], b["label"],
+                             np.arange(len(b["image"])))
+      out["eval/bpd"] = float(r["total_bpd"].mean())
+    if self.num_fid:
+      if self.reference is None:
+        self.reference = reference_statistics(self.config, self.workdir, self.variables,
+                                              all_hosts=False)
+      images = sampling.sample(params, generate.sample_key(self.config), config=self.config,
+                               num_samples=self.num_fid)
+      pool, logits = fid.inception_features(self.variables, np.asarray(images),
+                                            batch_size=self.config.eval.batch_size)
+      mu, sigma = fid.feature_statistics(pool)
+      out["eval/fid"] = fid.frechet_distance(mu, sigma, *self.reference)
+      out["eval/inception_score"] = fid.inception_score(logits, splits=1)[0]
+    return out
