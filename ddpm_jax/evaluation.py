@@ -255,7 +255,7 @@ def write_results(workdir: str, step: int, results: dict) -> epath.Path:
     merged.update(results)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    tmp.rename(path)
+    tmp.replace(path)
   return path
 
 

@@ -73,7 +73,7 @@ def shard_path(directory: epath.Path, k: int) -> epath.Path:
 def _write_bytes_atomically(path: epath.Path, data: bytes) -> None:
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _read_shard(path: epath.Path) -> Optional[dict]:

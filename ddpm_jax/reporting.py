@@ -41,7 +41,7 @@ def save_png(path: str, images: np.ndarray, upscale: int = 1) -> None:
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
   tmp = epath.Path(path + ".tmp")
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _duration(seconds: float) -> str:

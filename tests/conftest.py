@@ -8,3 +8,39 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# Shared fixtures: imported after the XLA flags above, so JAX starts with 8 CPU devices.
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ddpm_jax import inception  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def random_weights():
+  """He-initialised kernels, BatchNorm near identity, fc = identity on the first 1008 pool
+  features plus a known bias: so unbiased logits == pool[:, :1008] and biased ones add it."""
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for key, shape in inception.param_shapes().items():
+    leaf = key.rsplit("/", 1)[1]
+    if key == "fc/kernel":
+      arrays[key] = np.eye(*shape, dtype=np.float32)
+    elif key == "fc/bias":
+      arrays[key] = np.linspace(-3, 3, shape[0], dtype=np.float32)
+    elif leaf == "kernel":
+      std = np.sqrt(2.0 / np.prod(shape[:3]))
+      arrays[key] = (std * rng.standard_normal(shape)).astype(np.float32)
+    elif leaf in ("scale", "var"):
+      arrays[key] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+    else:  # bn bias, bn mean
+      arrays[key] = rng.uniform(-0.1, 0.1, shape).astype(np.float32)
+  return arrays
+
+
+@pytest.fixture(scope="session")
+def weights_file(random_weights, tmp_path_factory):
+  path = tmp_path_factory.mktemp("inception") / "weights.npz"
+  np.savez(path, **random_weights)
+  return str(path)

@@ -183,35 +183,6 @@ def test_preprocess_resizes_to_299_and_repeats_gray():
 # ---------------------------------------------------------------------------------------------
 # Weights: loading, errors, and the network run on loaded weights.
 
-@pytest.fixture(scope="module")
-def random_weights():
-  """He-initialised kernels, BatchNorm near identity, fc = identity on the first 1008 pool
-  features plus a known bias: so unbiased logits == pool[:, :1008] and biased ones add it."""
-  rng = np.random.default_rng(0)
-  arrays = {}
-  for key, shape in inception.param_shapes().items():
-    leaf = key.rsplit("/", 1)[1]
-    if key == "fc/kernel":
-      arrays[key] = np.eye(*shape, dtype=np.float32)
-    elif key == "fc/bias":
-      arrays[key] = np.linspace(-3, 3, shape[0], dtype=np.float32)
-    elif leaf == "kernel":
-      std = np.sqrt(2.0 / np.prod(shape[:3]))
-      arrays[key] = (std * rng.standard_normal(shape)).astype(np.float32)
-    elif leaf in ("scale", "var"):
-      arrays[key] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
-    else:  # bn bias, bn mean
-      arrays[key] = rng.uniform(-0.1, 0.1, shape).astype(np.float32)
-  return arrays
-
-
-@pytest.fixture(scope="module")
-def weights_file(random_weights, tmp_path_factory):
-  path = tmp_path_factory.mktemp("inception") / "weights.npz"
-  np.savez(path, **random_weights)
-  return str(path)
-
-
 def test_loaded_values_land_in_their_collections(weights_file, random_weights):
   variables = inception.load_inception_params(weights_file)
   assert set(variables) == {"params", "batch_stats"}

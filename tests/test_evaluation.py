@@ -1,0 +1,328 @@
+"""Sampling and evaluation for users: load -> sample, --mode=sample shards, bits/dim, FID/IS.
+
+A smoke run (6 training steps of configs/smoke.py on 8 CPU devices) is trained once per module;
+everything else reads it. References are independent: the scan samplers called directly with
+per-sample keys, the bound's own terms, NumPy's standard error, a manual guidance formula.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddpm_jax
+from ddpm_jax import checkpoint, evaluation, generate, sampling, train
+from tests.test_loop import ROOT, smoke_config
+
+CPU = jax.local_devices()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A trained smoke workdir (checkpoints at steps 3 and 6)."""
+  workdir = str(tmp_path_factory.mktemp("evaluation") / "run")
+  train.train_and_evaluate(smoke_config(**{"training.sample_every": 0}), workdir)
+  return workdir
+
+
+def arrays_equal(a, b):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def same_samples(a, b):
+  """Equal up to float rounding: a different per-device batch may round convolutions
+  differently (1e-7), while every sample's noise is identical."""
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- load + sample
+
+
+def test_round_trip_same_samples_on_1_and_8_devices(run):
+  params, config = ddpm_jax.load(run)
+  key = jax.random.PRNGKey(7)
+  eight = ddpm_jax.sample(params, key, config=config, num_samples=11)  # 2 calls, the last padded
+  one = ddpm_jax.sample(params, key, config=config, num_samples=11, devices=CPU[:1])
+  three = ddpm_jax.sample(params, key, config=config, num_samples=11, devices=CPU[:3])
+  assert eight.shape == (11, 8, 8, 1) and eight.dtype == jnp.float32
+  assert float(eight.min()) >= -1.0 and float(eight.max()) <= 1.0
+  same_samples(eight, one)
+  same_samples(eight, three)
+  # Sample i depends on (key, i) only: a later slice drawn on its own is the same.
+  same_samples(eight[5:], ddpm_jax.sample(params, key, config=config, num_samples=6,
+                                          first_index=5))
+  assert not np.allclose(np.asarray(eight[0]), np.asarray(eight[1]))
+
+
+@pytest.mark.parametrize("sampler,steps", [("ancestral", 20), ("ancestral", 7), ("ddim", 5)])
+def test_sample_is_the_scan_sampler_with_per_sample_keys(run, sampler, steps):
+  """sample() == the documented loops on the model, with keys fold_in(key, i)."""
+  params, config = ddpm_jax.load(run)
+  key = jax.random.PRNGKey(3)
+  got = ddpm_jax.sample(params, key, config=config, num_samples=4, sampler=sampler,
+                        num_steps=steps)
+  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+  sched = sampling.schedule_from_config(config)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
+  if sampler == "ddim":
+    want = ddpm_jax.ddim_sample_loop(sched, model_fn, (4, 8, 8, 1), keys, num_steps=steps)
+  else:
+    want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys,
+                                  num_steps=None if steps == 20 else steps)
+  np.testing.assert_allclose(np.asarray(got), np.clip(np.asarray(want), -1, 1), atol=1e-5)
+
+
+def test_ddim_eta0_is_deterministic_and_respacing_with_T_steps_is_the_full_chain(run):
+  params, config = ddpm_jax.load(run)
+  key = jax.random.PRNGKey(5)
+  a = ddpm_jax.sample(params, key, config=config, num_samples=4, sampler="ddim", num_steps=10)
+  b = ddpm_jax.sample(params, key, config=config, num_samples=4, sampler="ddim", num_steps=10,
+                      devices=CPU[:2])
+  same_samples(a, b)
+  arrays_equal(a, ddpm_jax.sample(params, key, config=config, num_samples=4, sampler="ddim",
+                                  num_steps=10))
+  # eta = 0: x_0 is a function of x_T alone, so the per-step noise keys do not matter.
+  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+  sched = sampling.schedule_from_config(config)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
+  x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (8, 8, 1)))(keys)
+  other = jax.vmap(lambda k: jax.random.fold_in(k, 99))(keys)  # other step keys, same x_T...
+  x = x_T
+  kept = ddpm_jax.space_timesteps(20, 10)
+  sched_r = ddpm_jax.respace(sched, kept)
+  for i in reversed(range(10)):  # ...through the one-step function, with a Python loop
+    t = jnp.full((4,), i, jnp.int32)
+    x = sampling._ddim_step(sched_r, lambda x, t: model_fn(x, jnp.asarray(kept)[t]), x, t,
+                            jax.vmap(jax.random.fold_in, (0, None))(other, i), eta=0.0,
+                            mean_type="eps", var_type="fixedlarge", clip_denoised=True)
+  np.testing.assert_allclose(np.asarray(a), np.clip(np.asarray(x), -1, 1), atol=1e-5)
+  full = ddpm_jax.sample(params, key, config=config, num_samples=4, num_steps=20)
+  sched_T = ddpm_jax.respace(sched, ddpm_jax.space_timesteps(20, 20))
+  assert sched_T is sched  # T kept steps: the chain is the full one, not a recomputed copy
+  keys_T = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
+  want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys_T, num_steps=20)
+  np.testing.assert_allclose(np.asarray(full), np.clip(np.asarray(want), -1, 1), atol=1e-5)
+
+
+def test_bfloat16_sampling_is_close_to_float32(run):
+  params, config = ddpm_jax.load(run)
+  key = jax.random.PRNGKey(1)
+  f32 = ddpm_jax.sample(params, key, config=config, num_samples=4, sampler="ddim", num_steps=5)
+  bf16 = ddpm_jax.sample(params, key, config=config, num_samples=4, sampler="ddim", num_steps=5,
+                         dtype="bfloat16")
+  assert bf16.dtype == jnp.float32
+  assert 0 < float(jnp.abs(f32 - bf16).max()) < 0.1
+
+
+def test_class_conditional_labels_and_guidance():
+  config = smoke_config(**{"model.num_classes": 3})
+  params = train.init_params(config, jax.random.PRNGKey(0))
+  # Move the label embedding away from zero so labels matter.
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
+  t = jnp.array([0, 5, 19])
+  y = jnp.array([0, 1, 2])
+  w = 1.5
+  cond = model.apply({"params": params}, x, t, y=y)
+  uncond = model.apply({"params": params}, x, t, y=jnp.full((3,), 3))
+  guided = sampling.guided_model_fn(model, params, y, w)(x, t)
+  np.testing.assert_allclose(np.asarray(guided), np.asarray((1 + w) * cond - w * uncond),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sampling.guided_model_fn(model, params, y, 0.0)(x, t)),
+                             np.asarray(cond), rtol=1e-6)
+
+  key = jax.random.PRNGKey(2)
+  drawn = sampling.sample_labels(config, key, np.arange(6))
+  assert drawn.shape == (6,) and drawn.min() >= 0 and drawn.max() < 3
+  a = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w)
+  b = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w, labels=drawn,
+                      devices=CPU[:2])
+  same_samples(a, b)  # labels=None draws exactly sample_labels'; any device count
+  c = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w, labels=2)
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+  with pytest.raises(ValueError, match=r"labels must be one int or 6 ints in \[0, 3\]"):
+    ddpm_jax.sample(params, key, config=config, num_samples=6, labels=[0, 1])
+
+
+def test_sample_bad_input(run):
+  params, config = ddpm_jax.load(run)
+  key = jax.random.PRNGKey(0)
+  cases = [
+      (dict(config=None), r"needs the run's config: pass config=.*ddpm_jax.load\(workdir\)"),
+      (dict(sampler="euler"), r"Unknown sampler 'euler'; accepted: ancestral, ddim"),
+      (dict(num_steps=21), r"num_steps must be an integer in \[1, 20\].*got 21"),
+      (dict(num_steps=0), r"num_steps must be an integer in \[1, 20\].*got 0"),
+      (dict(num_samples=0), r"num_samples must be an integer >= 1, got 0"),
+      (dict(eta=-1.0), r"eta must be >= 0"),
+      (dict(guidance_scale=2.0), r"guidance_scale=2.0 needs a class-conditional model"),
+      (dict(labels=[1, 2]), r"labels were given for an unconditional model"),
+      (dict(dtype="float16"), r"Unknown dtype 'float16'; accepted: float32, bfloat16"),
+  ]
+  for kwargs, message in cases:
+    kwargs = dict(dict(config=config, num_samples=2), **kwargs)
+    with pytest.raises(ValueError, match=message):
+      ddpm_jax.sample(params, key, **kwargs)
+  other = smoke_config(**{"model.ch": 64})
+  with pytest.raises(ValueError, match=r"The params do not fit the config's model \(.*has shape"):
+    ddpm_jax.sample(params, key, config=other, num_samples=2)
+
+
+def test_a_workdir_without_checkpoint_is_one_clear_error(tmp_path):
+  workdir = str(tmp_path / "untrained")
+  checkpoint.write_or_check_config(workdir, smoke_config())
+  for call in (lambda: ddpm_jax.load(workdir), lambda: generate.generate(smoke_config(), workdir),
+               lambda: evaluation.evaluate(smoke_config(), workdir)):
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*train first with `python "
+                                                r"main.py"):
+      call()
+
+
+# ----------------------------------------------------------------------------- --mode=sample
+
+
+def _shards(directory):
+  return sorted(f for f in os.listdir(directory) if f.startswith("shard_"))
+
+
+def test_sample_mode_writes_shards_and_resumes_without_recomputing(run, tmp_path, monkeypatch):
+  config = smoke_config(**{"sampling.num_samples": 10, "sampling.batch_size": 4})
+  directory = generate.generate(config, run)
+  assert os.path.basename(directory) == "00000006_ancestral20"
+  assert _shards(directory) == ["shard_000000.npz", "shard_000001.npz", "shard_000002.npz"]
+  images, labels = generate.read_samples(directory, 10)
+  assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8 and labels is None
+  assert os.path.exists(os.path.join(directory, "grid.png"))
+  params, _ = ddpm_jax.load(run)
+  want = ddpm_jax.sample(params, generate.sample_key(config), config=config, num_samples=10)
+  arrays_equal(images, np.round((np.asarray(want) + 1) * 127.5).astype(np.uint8))
+
+  # Resume: a lost shard is recomputed, the others are kept untouched.
+  mtimes = {f: os.stat(os.path.join(directory, f)).st_mtime_ns for f in _shards(directory)}
+  os.remove(os.path.join(directory, "shard_000001.npz"))
+  calls = []
+  real_sample = sampling.sample
+  monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
+  generate.generate(config, run)
+  assert [c["first_index"] for c in calls] == [4]
+  for f in ("shard_000000.npz", "shard_000002.npz"):
+    assert os.stat(os.path.join(directory, f)).st_mtime_ns == mtimes[f]
+  arrays_equal(generate.read_samples(directory, 10)[0], images)
+  # More samples later: only the new shards are computed.
+  calls.clear()
+  generate.generate(smoke_config(**{"sampling.num_samples": 14, "sampling.batch_size": 4}), run)
+  assert [c["first_index"] for c in calls] == [8, 12]  # shard 2 grew from 2 to 4 samples
+  arrays_equal(generate.read_samples(directory, 14)[0][:10], images)
+
+
+def test_sample_mode_on_two_hosts_equals_one_host(run, tmp_path):
+  """Host p of 2 writes shards k % 2 == p into the same directory; together: the 1-host set."""
+  one = str(tmp_path / "one")
+  two = str(tmp_path / "two")
+  for workdir in (one, two):
+    os.makedirs(workdir)
+    os.symlink(os.path.join(run, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    os.symlink(os.path.join(run, "config.json"), os.path.join(workdir, "config.json"))
+  config = smoke_config(**{"sampling.num_samples": 10, "sampling.batch_size": 4,
+                           "sampling.sampler": "ddim", "sampling.num_steps": 5})
+  d1 = generate.generate(config, one)
+  d2 = generate.generate(config, two, process_index=1, process_count=2)
+  assert _shards(d2) == ["shard_000001.npz"]
+  generate.generate(config, two, process_index=0, process_count=2)
+  assert _shards(d2) == _shards(d1)
+  arrays_equal(generate.read_samples(d2, 10)[0], generate.read_samples(d1, 10)[0])
+
+
+def test_main_sample_mode_uses_the_runs_config(run):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "main.py", f"--workdir={run}", "--mode=sample",
+                         "--step=3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  directory = os.path.join(run, "samples", "00000003_ancestral20")
+  assert len(generate.read_samples(directory, 4)[0]) == 4  # config.json: 4 samples
+  assert "sampling 00000003_ancestral20 4/4" in proc.stderr  # the progress line
+  # A --config whose model differs from the run's is refused, nothing written.
+  proc = subprocess.run([sys.executable, "main.py", "--config=configs/smoke.py",
+                         "--config.model.ch=64", f"--workdir={run}", "--mode=eval"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "model.ch: 32 in the run, 64 now" in proc.stderr
+  assert not os.path.exists(os.path.join(run, "eval"))
+
+
+# ----------------------------------------------------------------------------- bits/dim, FID
+
+
+def test_bits_per_dim_is_finite_sums_its_terms_and_ignores_the_device_count(run):
+  params, config = ddpm_jax.load(run)
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1)) / 127.5 - 1.0
+  labels, index = np.zeros(5, np.int32), np.arange(5)
+  eight = evaluation.bits_per_dim_batch(config, params, images, labels, index)
+  one = evaluation.bits_per_dim_batch(config, params, images, labels, index, devices=CPU[:1])
+  assert eight["terms_bpd"].shape == (5, 20)
+  assert np.all(np.isfinite(eight["total_bpd"])) and np.all(eight["terms_bpd"] > 0)
+  np.testing.assert_allclose(eight["total_bpd"],
+                             eight["terms_bpd"].sum(axis=1) + eight["prior_bpd"], rtol=1e-5)
+  np.testing.assert_allclose(eight["total_bpd"], one["total_bpd"], rtol=1e-6)
+  # Example i's estimate depends on (seed, i) only: the same image at index 9 vs 0 differs.
+  other = evaluation.bits_per_dim_batch(config, params, images[:1], labels[:1], [9])
+  assert other["total_bpd"][0] != eight["total_bpd"][0]
+
+
+def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
+  config = smoke_config(**{"eval.bpd_num_examples": 10, "eval.batch_size": 4})
+  with pytest.raises(FileNotFoundError, match=r"config.eval.inception_weights is not set: "
+                                              r"download pt_inception-2015-12-05-6726825d.pth"):
+    evaluation.evaluate(config, run)
+  # Bits/dim was computed and written before the FID error.
+  with open(os.path.join(run, "eval", "00000006.json")) as f:
+    result = json.load(f)["bpd"]
+  assert result["num_examples"] == 10 and result["split"] == "test"
+  assert len(result["terms_bpd"]) == 20 and np.isfinite(result["bpd"])
+  params, _ = ddpm_jax.load(run)
+  test = smoke_config()
+  it = ddpm_jax.data.create_input_iter(test, split="test", per_host_batch_size=10, seed=0,
+                                       repeat=False, shuffle=False)
+  batch = next(iter(it))
+  per_example = evaluation.bits_per_dim_batch(test, params, batch["image"], batch["label"],
+                                              np.arange(10))["total_bpd"]
+  assert result["bpd"] == pytest.approx(per_example.mean(), rel=1e-5)
+  assert result["bpd_stderr"] == pytest.approx(per_example.std(ddof=1) / np.sqrt(10), rel=1e-4)
+  assert result["terms_bpd"][0] == pytest.approx(result["decoder_bpd"])
+
+  missing = smoke_config(**{"eval.inception_weights": "/nonexistent/inception.npz",
+                            "eval.metrics": ("fid",)})
+  with pytest.raises(FileNotFoundError, match=r"'/nonexistent/inception.npz' does not exist: "
+                                              r"download .*docs/inception_weights.md"):
+    evaluation.evaluate(missing, run)
+  with pytest.raises(ValueError, match=r"Unknown eval metric 'nll'; accepted: bpd, fid"):
+    evaluation.evaluate(smoke_config(**{"eval.metrics": ("nll",)}), run)
+
+
+def test_eval_mode_fid_and_inception_score(run, weights_file):
+  config = smoke_config(**{"eval.metrics": ("fid",), "eval.inception_weights": weights_file,
+                           "eval.num_samples": 6, "eval.fid_reference_examples": 8,
+                           "eval.fid_split": "train", "eval.batch_size": 8,
+                           "sampling.sampler": "ddim", "sampling.num_steps": 4})
+  results = evaluation.evaluate(config, run, step=3)
+  r = results["fid"]["00000003_ddim4_eta0"]
+  assert r["num_samples"] == 6 and np.isfinite(r["fid"]) and r["fid"] > 0
+  assert r["inception_score"] >= 1.0
+  with open(os.path.join(run, "eval", "00000003.json")) as f:
+    assert json.load(f)["fid"]["00000003_ddim4_eta0"]["fid"] == pytest.approx(r["fid"])
+  cached = os.path.join(run, "eval", "fid_reference_digits_train_8_8.npz")
+  assert os.path.exists(cached)
+  # The samples are the ones --mode=sample writes; FID recomputed from them independently.
+  variables = ddpm_jax.inception.load_inception_params(weights_file)
+  images, _ = generate.read_samples(os.path.join(run, "samples", "00000003_ddim4_eta0"), 6)
+  pool, _ = ddpm_jax.fid.inception_features(variables, images / 127.5 - 1.0)
+  mu, sigma = ddpm_jax.fid.feature_statistics(pool)
+  ref = ddpm_jax.fid.load_statistics(cached)
+  assert r["fid"] == pytest.approx(ddpm_jax.fid.frechet_distance(mu, sigma, *ref), rel=1e-6)
