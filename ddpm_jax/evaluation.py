@@ -167,8 +167,14 @@ def load_inception(config):
 
 
 def _features(variables, images_uint8, batch_size: int):
-  images = images_uint8.astype(np.float32) / 127.5 - 1.0
-  return fid.inception_features(variables, images, batch_size=batch_size)
+  """Inception (pool, logits) of uint8 images; padded to whole batches of `batch_size` so that
+  every call, whatever its number of images, reuses one compiled network."""
+  n = len(images_uint8)
+  pad = -n % batch_size
+  images = np.concatenate([images_uint8, np.zeros((pad,) + images_uint8.shape[1:], np.uint8)])
+  pool, logits = fid.inception_features(variables, images.astype(np.float32) / 127.5 - 1.0,
+                                        batch_size=batch_size)
+  return pool[:n], logits[:n]
 
 
 def reference_statistics(config, workdir: str, variables, *, all_hosts: bool = True):

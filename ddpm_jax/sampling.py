@@ -328,7 +328,8 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   guidance_scale: classifier-free guidance weight w (see `guided_model_fn`); 0 is none.
 
   Sample i is drawn from fold_in(key, first_index + i) alone (its x_T, its noise and its
-  label), so the same key gives the same samples on any number of devices or hosts, and
+  label), so the same key gives the same samples on any number of devices or hosts (up to
+  float rounding: a different per-device batch may round convolutions differently), and
   `first_index` lets a long job be cut into resumable pieces. The work is spread over `devices`
   (all local devices by default), config.sampling.batch_size samples per compiled call.
   The output is clipped to [-1, 1].

@@ -23,9 +23,10 @@ CPU = jax.local_devices()
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """A trained smoke workdir (checkpoints at steps 3 and 6)."""
+  """A trained smoke workdir (checkpoints at steps 3 and 6, in-training bits/dim at both)."""
   workdir = str(tmp_path_factory.mktemp("evaluation") / "run")
-  train.train_and_evaluate(smoke_config(**{"training.sample_every": 0}), workdir)
+  train.train_and_evaluate(smoke_config(**{"training.sample_every": 0,
+                                           "training.eval_every": 3}), workdir)
   return workdir
 
 
@@ -142,9 +143,8 @@ def test_class_conditional_labels_and_guidance():
   drawn = sampling.sample_labels(config, key, np.arange(6))
   assert drawn.shape == (6,) and drawn.min() >= 0 and drawn.max() < 3
   a = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w)
-  b = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w, labels=drawn,
-                      devices=CPU[:2])
-  same_samples(a, b)  # labels=None draws exactly sample_labels'; any device count
+  b = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w, labels=drawn)
+  arrays_equal(a, b)  # labels=None draws exactly sample_labels' labels
   c = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w, labels=2)
   assert not np.allclose(np.asarray(a), np.asarray(c))
   with pytest.raises(ValueError, match=r"labels must be one int or 6 ints in \[0, 3\]"):
@@ -240,6 +240,7 @@ def test_sample_mode_on_two_hosts_equals_one_host(run, tmp_path):
 
 
 def test_main_sample_mode_uses_the_runs_config(run):
+  before = sorted(os.listdir(os.path.join(run, "eval")))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "main.py", f"--workdir={run}", "--mode=sample",
                          "--step=3"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -254,10 +255,26 @@ def test_main_sample_mode_uses_the_runs_config(run):
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "model.ch: 32 in the run, 64 now" in proc.stderr
-  assert not os.path.exists(os.path.join(run, "eval"))
+  assert sorted(os.listdir(os.path.join(run, "eval"))) == before
 
 
 # ----------------------------------------------------------------------------- bits/dim, FID
+
+
+def test_in_training_evaluation_writes_bits_per_dim(run):
+  """training.eval_every=3: bits/dim of the held-out batch (64 test digits) of the EMA params."""
+  params, config = ddpm_jax.load(run, step=3)
+  with open(os.path.join(run, "eval", "00000003.json")) as f:
+    logged = json.load(f)["training_eval"]["eval/bpd"]
+  it = ddpm_jax.data.create_input_iter(config, split="test", per_host_batch_size=64, seed=0,
+                                       repeat=False, shuffle=False)
+  batch = next(iter(it))
+  want = evaluation.bits_per_dim_batch(config, params, batch["image"], batch["label"],
+                                       np.arange(64))["total_bpd"].mean()
+  assert logged == pytest.approx(float(want), rel=1e-5)
+  assert os.path.exists(os.path.join(run, "eval", "00000006.json"))
+  events = os.listdir(os.path.join(run, "tensorboard"))
+  assert events and all(os.path.getsize(os.path.join(run, "tensorboard", e)) for e in events)
 
 
 def test_bits_per_dim_is_finite_sums_its_terms_and_ignores_the_device_count(run):
@@ -309,7 +326,8 @@ def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
 def test_eval_mode_fid_and_inception_score(run, weights_file):
   config = smoke_config(**{"eval.metrics": ("fid",), "eval.inception_weights": weights_file,
                            "eval.num_samples": 6, "eval.fid_reference_examples": 8,
-                           "eval.fid_split": "train", "eval.batch_size": 8,
+                           # batch 2: the network test_fid.py compiles already
+                           "eval.fid_split": "train", "eval.batch_size": 2,
                            "sampling.sampler": "ddim", "sampling.num_steps": 4})
   results = evaluation.evaluate(config, run, step=3)
   r = results["fid"]["00000003_ddim4_eta0"]
@@ -322,7 +340,7 @@ def test_eval_mode_fid_and_inception_score(run, weights_file):
   # The samples are the ones --mode=sample writes; FID recomputed from them independently.
   variables = ddpm_jax.inception.load_inception_params(weights_file)
   images, _ = generate.read_samples(os.path.join(run, "samples", "00000003_ddim4_eta0"), 6)
-  pool, _ = ddpm_jax.fid.inception_features(variables, images / 127.5 - 1.0)
+  pool, _ = ddpm_jax.fid.inception_features(variables, images / 127.5 - 1.0, batch_size=2)
   mu, sigma = ddpm_jax.fid.feature_statistics(pool)
   ref = ddpm_jax.fid.load_statistics(cached)
   assert r["fid"] == pytest.approx(ddpm_jax.fid.frechet_distance(mu, sigma, *ref), rel=1e-6)
