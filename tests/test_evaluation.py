@@ -34,6 +34,14 @@ def arrays_equal(a, b):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def chain_inputs(params, config, key, n):
+  """(model_fn, schedule, per-sample keys fold_in(key, i)) as sample() builds them."""
+  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
+  return model_fn, sampling.schedule_from_config(config), keys
+
+
 def same_samples(a, b):
   """Equal up to float rounding: a different per-device batch may round convolutions
   differently (1e-7), while every sample's noise is identical."""
@@ -66,10 +74,7 @@ def test_sample_is_the_scan_sampler_with_per_sample_keys(run, sampler, steps):
   key = jax.random.PRNGKey(3)
   got = ddpm_jax.sample(params, key, config=config, num_samples=4, sampler=sampler,
                         num_steps=steps)
-  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
-  model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-  sched = sampling.schedule_from_config(config)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
+  model_fn, sched, keys = chain_inputs(params, config, key, 4)
   if sampler == "ddim":
     want = ddpm_jax.ddim_sample_loop(sched, model_fn, (4, 8, 8, 1), keys, num_steps=steps)
   else:
@@ -88,10 +93,7 @@ def test_ddim_eta0_is_deterministic_and_respacing_with_T_steps_is_the_full_chain
   arrays_equal(a, ddpm_jax.sample(params, key, config=config, num_samples=4, sampler="ddim",
                                   num_steps=10))
   # eta = 0: x_0 is a function of x_T alone, so the per-step noise keys do not matter.
-  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
-  model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-  sched = sampling.schedule_from_config(config)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
+  model_fn, sched, keys = chain_inputs(params, config, key, 4)
   x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (8, 8, 1)))(keys)
   other = jax.vmap(lambda k: jax.random.fold_in(k, 99))(keys)  # other step keys, same x_T...
   x = x_T
@@ -106,8 +108,7 @@ def test_ddim_eta0_is_deterministic_and_respacing_with_T_steps_is_the_full_chain
   full = ddpm_jax.sample(params, key, config=config, num_samples=4, num_steps=20)
   sched_T = ddpm_jax.respace(sched, ddpm_jax.space_timesteps(20, 20))
   assert sched_T is sched  # T kept steps: the chain is the full one, not a recomputed copy
-  keys_T = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
-  want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys_T, num_steps=20)
+  want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys)  # the full chain
   np.testing.assert_allclose(np.asarray(full), np.clip(np.asarray(want), -1, 1), atol=1e-5)
 
 
@@ -344,3 +345,7 @@ def test_eval_mode_fid_and_inception_score(run, weights_file):
   mu, sigma = ddpm_jax.fid.feature_statistics(pool)
   ref = ddpm_jax.fid.load_statistics(cached)
   assert r["fid"] == pytest.approx(ddpm_jax.fid.frechet_distance(mu, sigma, *ref), rel=1e-6)
+  # Reference statistics from an .npz (e.g. pytorch-fid's): the same file gives the same FID.
+  config.eval.fid_reference = cached
+  again = evaluation.evaluate(config, run, step=3)["fid"]["00000003_ddim4_eta0"]
+  assert again["fid"] == pytest.approx(r["fid"], rel=1e-9) and again["reference"] == cached
