@@ -349,3 +349,12 @@ def test_eval_mode_fid_and_inception_score(run, weights_file):
   config.eval.fid_reference = cached
   again = evaluation.evaluate(config, run, step=3)["fid"]["00000003_ddim4_eta0"]
   assert again["fid"] == pytest.approx(r["fid"], rel=1e-9) and again["reference"] == cached
+  # In-training FID/IS (eval.train_fid_samples > 0) on the same network and reference.
+  config.eval.train_fid_samples, config.eval.train_bpd_examples = 2, 0
+  params, _ = ddpm_jax.load(run, step=3)
+  scalars = evaluation.TrainingEvaluator(config, run)(3, params)
+  assert set(scalars) == {"eval/fid", "eval/inception_score"}
+  assert np.isfinite(scalars["eval/fid"]) and scalars["eval/inception_score"] >= 1.0
+  with pytest.raises(FileNotFoundError, match="does not exist: download"):
+    config.eval.inception_weights = "/nonexistent.npz"  # refused before training starts
+    evaluation.TrainingEvaluator(config, run)
