@@ -65,6 +65,8 @@ def largest_batch(name, dtype, remat, budget, limit):
   per-device batch <= limit whose compiled train step needs <= budget bytes (None if not even 1).
 
   The answer is exact to a granularity g (about 3% of it): `batch` fits and batch + g does not.
+  Each probe compiles once (no allocation): the linear guess from batches 8 and 32, then
+  interpolation between the closest fitting and failing batches, each followed by its neighbour.
   """
   tried = {}
 
@@ -81,13 +83,20 @@ def largest_batch(name, dtype, remat, budget, limit):
   g = max(1, min(limit, guess) // 32)
   probes = [guess]  # ... so the linear guess, then its neighbour, usually settle it
   while hi - lo > g:
-    b = min(max(probes.pop() if probes else (lo + hi) // 2, lo + 1), hi - 1)
+    interpolated = not probes
+    if probes:
+      b = probes.pop()
+    elif lo and hi <= limit:  # not quite linear: interpolate between the closest sizes known
+      b = lo + int((budget - tried[lo][0]) * (hi - lo) / (tried[hi][0] - tried[lo][0]))
+    else:
+      b = (lo + hi) // 2
+    b = min(max(b, lo + 1), hi - 1)
     if fits(b):
       lo = b
-      probes = [b + g] if len(tried) <= 3 else []
     else:
       hi = b
-      probes = [b - g] if len(tried) <= 3 else []
+    if interpolated or len(tried) == 3:  # after a guess, check the batch g beyond it
+      probes = [b + g] if lo == b else [b - g]
   if lo == 0:
     return None, None, None, tried
   return lo, tried[lo][0], tried[lo][1] / lo, tried
