@@ -148,7 +148,10 @@ class Report:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     head = [f"## {self.title} ({now})", "", f"    {command}", "",
-            f"- device: {device_line()}", f"- software: {versions(*self.packages)}", "", "```"]
+            f"- device: {device_line()}", f"- software: {versions(*self.packages)}"]
+    if os.environ.get("XLA_FLAGS"):
+      head.append(f"- XLA_FLAGS: {os.environ['XLA_FLAGS']}")
+    head += ["", "```"]
     new = not os.path.exists(path)
     with open(path, "a") as f:
       if new:
