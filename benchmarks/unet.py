@@ -10,71 +10,22 @@ own count (cost_analysis), memory the compiled program's temp + argument + outpu
 (memory_analysis). On a GPU it also prints achieved TFLOP/s and MFU against the device's peak.
 """
 import argparse
-import importlib
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_jax.unet import UNet  # noqa: E402  (after making the repository importable)
-
-# Dense peak FLOP/s per compute dtype, by a substring of jax.Device.device_kind (first match
-# wins). float32 matmuls and convolutions run on TF32 tensor cores under JAX's default precision
-# on these GPUs, so float32 MFU is measured against the TF32 peak unless the precision is
-# "highest" (then against the plain FP32 peak).
-PEAK_TFLOPS = {  # device: (bfloat16, tf32, fp32)
-    "H100 PCIe": (756.0, 378.0, 51.0),
-    "H100": (989.0, 495.0, 67.0),  # SXM
-    "H200": (989.0, 495.0, 67.0),
-    "A100": (312.0, 156.0, 19.5),
-}
-
-
-def peak_tflops(device, dtype):
-  """(peak TFLOP/s, its name) for this device and compute dtype, or (None, "n/a")."""
-  for kind, (bf16, tf32, fp32) in PEAK_TFLOPS.items():
-    if kind in device.device_kind:
-      if dtype == "bfloat16":
-        return bf16, "bf16"
-      if jax.config.jax_default_matmul_precision in ("highest", "float32"):
-        return fp32, "fp32"
-      return tf32, "tf32"
-  return None, "n/a"
-
-
-def xla_flops(compiled):
-  """XLA's FLOP count; cost_analysis() returns a dict, or a list of dicts in some versions."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return (cost or {}).get("flops")
-
-
-def peak_memory_bytes(compiled):
-  """Temp + argument + output buffer bytes of the compiled program (None if not reported)."""
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return None
-  return mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (Report, cell, compile_timed, device_line, load_config,  # noqa: E402
+                     peak_tflops, peak_memory_bytes, time_calls, xla_flops)
+from ddpm_jax.unet import UNet  # noqa: E402  (_common makes the repository importable)
 
 
 def measure(fn, args, warmup, iters):
   """Compiles fn(*args) and times it: dict(compile_s, median_s, flops, memory)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return dict(compile_s=compile_s, median_s=statistics.median(times),
+  compiled, compile_s = compile_timed(fn, *args)
+  return dict(compile_s=compile_s, median_s=time_calls(lambda: compiled(*args), warmup, iters),
               flops=xla_flops(compiled), memory=peak_memory_bytes(compiled))
 
 
@@ -97,11 +48,6 @@ def benchmark(model_config, image_size, channels, batch_size, dtype, warmup, ite
   yield "fwd+bwd", measure(jax.grad(loss), (params, x, t, kdrop), warmup, iters)
 
 
-def _cell(value, width, spec):
-  """value right-aligned in width characters by a format spec such as ".1f", or "n/a"."""
-  return f"{value:>{width}{spec}}" if value is not None else f"{'n/a':>{width}}"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch_size", type=int, default=128)
@@ -111,16 +57,15 @@ def main():
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args()
 
-  config = importlib.import_module(f"configs.{args.config}").get_config()
+  config = load_config(args.config)
   size, channels = config.data.image_size, config.data.num_channels
   device = jax.devices()[0]
-  print(f"UNet of configs/{args.config}.py, {size}x{size}x{channels}, batch {args.batch_size}, "
-        f"on {device.platform}: {device.device_kind} ({jax.device_count()} device(s), using 1); "
-        f"median of {args.iters} after {args.warmup} warm-up calls")
+  report = Report(f"U-Net forward and fwd+bwd, configs/{args.config}.py")
+  report(f"UNet of configs/{args.config}.py, {size}x{size}x{channels}, batch {args.batch_size}, "
+         f"on {device_line()}, using 1; median of {args.iters} after {args.warmup} warm-up calls")
   header = (f"{'dtype':<9} {'pass':<8} {'compile s':>9} {'median ms':>10} {'img/s':>9} "
             f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'peak':>10} {'MFU':>6} {'memory GiB':>10}")
-  print(header)
-  print("-" * len(header))
+  report.header(header)
   for dtype in args.dtypes.split(","):
     peak, peak_name = peak_tflops(device, dtype)
     for name, r in benchmark(config.model, size, channels, args.batch_size, dtype, args.warmup,
@@ -129,14 +74,15 @@ def main():
       cells = [
           f"{dtype:<9}", f"{name:<8}", f"{r['compile_s']:>9.1f}", f"{r['median_s'] * 1e3:>10.1f}",
           f"{args.batch_size / r['median_s']:>9.1f}",
-          _cell(r["flops"] and r["flops"] / 1e9, 10, ".1f"), _cell(tflops, 8, ".2f"),
+          cell(r["flops"] and r["flops"] / 1e9, 10, ".1f"), cell(tflops, 8, ".2f"),
           f"{f'{peak:.0f} {peak_name}' if peak else 'n/a':>10}",
-          _cell(tflops / peak if tflops and peak else None, 6, ".1%"),
-          _cell(r["memory"] and r["memory"] / 2**30, 10, ".2f")]
-      print(" ".join(cells))
-  print("GFLOP/step: XLA's count for the whole batch. memory: temp + argument + output buffers. "
+          cell(tflops / peak if tflops and peak else None, 6, ".1%"),
+          cell(r["memory"] and r["memory"] / 2**30, 10, ".2f")]
+      report(" ".join(cells))
+  report("GFLOP/step: XLA's count for the whole batch. memory: temp + argument + output buffers. "
         "MFU: achieved TFLOP/s over the dense peak named (float32 runs on TF32 tensor cores "
         "under JAX's default matmul precision).")
+  report.save()
 
 
 if __name__ == "__main__":

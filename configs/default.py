@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.out_channels = 3  # C, or 2C for diffusion.var_type = "learned_range".
   model.num_classes = 0  # > 0 makes a class-conditional model.
   model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32.
+  model.remat = False  # recompute block activations in the backward pass: less memory, more FLOPs
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"

@@ -37,11 +37,13 @@ META_ITEM = "meta"
 
 # Config fields that may change between the runs of one workdir: how long to train and how
 # often to log/save/sample/evaluate, sampling and evaluation settings, where the data live, and
-# how the step is mapped over devices. Everything else changes what is trained or what a
+# how the step is mapped over devices, and whether the U-Net rematerialises (memory vs compute,
+# the same function and parameters). Everything else changes what is trained or what a
 # checkpoint means (model, diffusion, data, optimizer, seed, batch size, EMA decays, ...).
 COMPATIBLE_KEYS = frozenset({
     "data.data_dir",
     "model.dtype",  # compute dtype only: parameters are float32 whatever it is
+    "model.remat",  # recomputation in the backward pass: the same parameters and results
     "parallel",
     "training.num_train_steps",
     "training.log_every",

@@ -151,6 +151,10 @@ class UNet(nn.Module):
       rows to the timestep embedding; the last row, label num_classes, is the null label of
       classifier-free guidance, used when y is None.
     dtype: compute dtype, "float32" or "bfloat16"; parameters are always float32.
+    remat: rematerialise every ResNet and attention block (flax.linen.remat): the backward pass
+      recomputes their activations instead of keeping them, so training takes less memory (a
+      larger batch fits) for about one more forward pass of compute. Outputs, gradients and
+      parameter names are unchanged.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -161,6 +165,7 @@ class UNet(nn.Module):
   out_channels: int = 3
   num_classes: int = 0
   dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -220,11 +225,16 @@ class UNet(nn.Module):
                              param_dtype=jnp.float32, embedding_init=default_init(),
                              name="label_emb")(y)
 
+    # With remat the blocks are wrapped in flax.linen.remat; `train` (argument 3, counting the
+    # module itself as 0) is a Python bool and must stay static.
+    res_block = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    attn_block = nn.remat(AttnBlock) if self.remat else AttnBlock
+
     def block(h, out_ch, name, attn_name):
       """A ResNet block, then self-attention if h's resolution is in attn_resolutions."""
-      h = ResnetBlock(out_ch, self.dropout, dtype, name=name)(h, temb, train)
+      h = res_block(out_ch, self.dropout, dtype, name=name)(h, temb, train)
       if h.shape[1] in self.attn_resolutions:
-        h = AttnBlock(dtype, name=attn_name)(h)
+        h = attn_block(dtype, name=attn_name)(h)
       return h
 
     # Down: hs collects every skip connection, consumed in reverse on the way up.
@@ -237,9 +247,9 @@ class UNet(nn.Module):
 
     # Middle: ResNet, attention (at any resolution), ResNet.
     h = hs[-1]
-    h = ResnetBlock(h.shape[-1], self.dropout, dtype, name="mid_block_1")(h, temb, train)
-    h = AttnBlock(dtype, name="mid_attn_1")(h)
-    h = ResnetBlock(h.shape[-1], self.dropout, dtype, name="mid_block_2")(h, temb, train)
+    h = res_block(h.shape[-1], self.dropout, dtype, name="mid_block_1")(h, temb, train)
+    h = attn_block(dtype, name="mid_attn_1")(h)
+    h = res_block(h.shape[-1], self.dropout, dtype, name="mid_block_2")(h, temb, train)
 
     # Up: num_res_blocks + 1 blocks per level, each on [h, skip] concatenated along channels.
     for i in reversed(range(num_levels)):

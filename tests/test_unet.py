@@ -182,6 +182,27 @@ def test_bfloat16_is_close_to_float32(tiny):
   assert np.abs(out16 - out32).max() <= BF16_REL_BOUND * np.abs(out32).max()
 
 
+def test_remat_gives_the_same_outputs_and_gradients(tiny):
+  """Rematerialisation only changes what the backward pass keeps: same parameter tree, same
+  training output (dropout included) and the same gradients, up to float reassociation."""
+  model, params, x, t = tiny
+  remat = UNet(**{**TINY, "remat": True})
+  _, remat_init = init(remat, x, t)
+  chex.assert_trees_all_equal_shapes(remat_init, params)
+
+  @jax.jit
+  def out_and_grad(params, key):
+    def loss(p, m):
+      out = m.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
+      return jnp.mean(jnp.square(out - x)), out
+    return [jax.grad(loss, has_aux=True)(params, m) for m in (model, remat)]
+
+  (grads, out), (grads_remat, out_remat) = out_and_grad(params, INIT_KEY)
+  np.testing.assert_allclose(out_remat, out, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads_remat, grads, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3  # not trivial
+
+
 def test_class_conditional():
   model = UNet(**{**TINY, "num_classes": 10})
   x, t = inputs()
