@@ -326,21 +326,21 @@ def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
 
 def test_eval_mode_fid_and_inception_score(run, weights_file):
   config = smoke_config(**{"eval.metrics": ("fid",), "eval.inception_weights": weights_file,
-                           "eval.num_samples": 6, "eval.fid_reference_examples": 8,
+                           "eval.num_samples": 4, "eval.fid_reference_examples": 6,
                            # batch 2: the network test_fid.py compiles already
                            "eval.fid_split": "train", "eval.batch_size": 2,
                            "sampling.sampler": "ddim", "sampling.num_steps": 4})
   results = evaluation.evaluate(config, run, step=3)
   r = results["fid"]["00000003_ddim4_eta0"]
-  assert r["num_samples"] == 6 and np.isfinite(r["fid"]) and r["fid"] > 0
+  assert r["num_samples"] == 4 and np.isfinite(r["fid"]) and r["fid"] > 0
   assert r["inception_score"] >= 1.0
   with open(os.path.join(run, "eval", "00000003.json")) as f:
     assert json.load(f)["fid"]["00000003_ddim4_eta0"]["fid"] == pytest.approx(r["fid"])
-  cached = os.path.join(run, "eval", "fid_reference_digits_train_8_8.npz")
+  cached = os.path.join(run, "eval", "fid_reference_digits_train_8_6.npz")
   assert os.path.exists(cached)
   # The samples are the ones --mode=sample writes; FID recomputed from them independently.
   variables = ddpm_jax.inception.load_inception_params(weights_file)
-  images, _ = generate.read_samples(os.path.join(run, "samples", "00000003_ddim4_eta0"), 6)
+  images, _ = generate.read_samples(os.path.join(run, "samples", "00000003_ddim4_eta0"), 4)
   pool, _ = ddpm_jax.fid.inception_features(variables, images / 127.5 - 1.0, batch_size=2)
   mu, sigma = ddpm_jax.fid.feature_statistics(pool)
   ref = ddpm_jax.fid.load_statistics(cached)
