@@ -102,11 +102,15 @@ def _workdir_error(workdir, err: OSError) -> ValueError:
                     "--workdir you can create and write.")
 
 
-def _write_atomically(path: epath.Path, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+def write_atomically(path: epath.Path, data) -> None:
+  """Writes `data` (str or bytes) to a temporary file beside `path`, then renames it over
+  `path`: a reader sees the old file or the whole new one, never a part."""
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   try:
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+      tmp.write_bytes(data)
+    else:
+      tmp.write_text(data)
     tmp.replace(path)
   finally:
     if tmp.exists():
@@ -168,7 +172,7 @@ def write_or_check_config(workdir: str,
   def write():
     if primary:
       try:
-        _write_atomically(path, new_text + "\n")
+        write_atomically(path, new_text + "\n")
       except OSError as e:
         raise _workdir_error(workdir, e) from e
 

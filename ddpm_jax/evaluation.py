@@ -54,11 +54,7 @@ def _compiled_bpd(config_json: str, per_device: int, devices: tuple):
                                  var_type=d.var_type, clip_denoised=False)
     return out["total_bpd"], out["prior_bpd"], out["terms_bpd"]
 
-  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-  P = jax.sharding.PartitionSpec
-  mapped = jax.shard_map(bpd, mesh=mesh, in_specs=(P(), P("batch"), P("batch"), P("batch")),
-                         out_specs=P("batch"), check_vma=False)
-  return jax.jit(mapped), mesh
+  return sampling.map_over_devices(bpd, devices, num_batched=3)
 
 
 def bits_per_dim_batch(config, params, images, labels, index, *, devices=None) -> dict:
@@ -73,16 +69,15 @@ def bits_per_dim_batch(config, params, images, labels, index, *, devices=None) -
   n = len(images)
   per_device = math.ceil(n / len(devices))
   pad = per_device * len(devices) - n
-  run, mesh = _compiled_bpd(config.to_json(), per_device, devices)
+  run = _compiled_bpd(config.to_json(), per_device, devices)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), BPD_STREAM)
   index = np.concatenate([np.asarray(index), np.zeros(pad, np.int64)])
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
   images = np.concatenate([np.asarray(images, np.float32),
                            np.zeros((pad,) + images.shape[1:], np.float32)])
   labels = np.concatenate([np.asarray(labels, np.int32), np.zeros(pad, np.int32)])
-  P = jax.sharding.PartitionSpec
-  batch = jax.sharding.NamedSharding(mesh, P("batch"))
-  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
+  batch = sampling.batch_sharding(devices)
+  params = sampling.replicate(params, devices)  # a no-op for params placed there already
   total, prior, terms = run(params, *(jax.device_put(a, batch) for a in (images, labels, keys)))
   return dict(total_bpd=np.asarray(total)[:n], prior_bpd=np.asarray(prior)[:n],
               terms_bpd=np.asarray(terms)[:n])
@@ -131,6 +126,7 @@ def bits_per_dim_on_split(config, params, *, split: Optional[str] = None,
   batches = data.create_input_iter(config, split=split, per_host_batch_size=per_host,
                                    seed=config.seed, repeat=False, shuffle=False)
   results, seen = [], 0
+  params = sampling.replicate(params)  # on the devices once, not once per batch
   progress = Progress(f"bits/dim on {split}", limit * pc, unit="ex")
   for batch in batches:
     if seen >= limit:
@@ -259,9 +255,7 @@ def write_results(workdir: str, step: int, results: dict) -> epath.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(path.read_text()) if path.exists() else {"step": step}
     merged.update(results)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    checkpoint.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
   return path
 
 

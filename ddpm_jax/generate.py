@@ -70,12 +70,6 @@ def shard_path(directory: epath.Path, k: int) -> epath.Path:
   return directory / f"shard_{k:06d}.npz"
 
 
-def _write_bytes_atomically(path: epath.Path, data: bytes) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 def _read_shard(path: epath.Path) -> Optional[dict]:
   """A shard's arrays, or None if it is missing or unreadable."""
   if not path.exists():
@@ -108,7 +102,7 @@ def _manifest(directory: epath.Path, settings: dict, shard_size: int, primary: b
                        + "); move that directory away or sample into a new workdir.")
     return int(stored["shard_size"])
   if primary:
-    _write_bytes_atomically(path, json.dumps(dict(settings, shard_size=shard_size),
+    checkpoint.write_atomically(path, json.dumps(dict(settings, shard_size=shard_size),
                                              indent=2).encode())
   return shard_size
 
@@ -149,6 +143,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
                num_samples, directory, total, done)
   progress = Progress(f"sampling {directory.name}", total, start=done)
   key = sample_key(config)
+  params = sampling.replicate(params)  # on the devices once, not once per shard
   for k in todo:
     index = indices(k)
     images = sampling.sample(params, key, config=config, num_samples=len(index),
@@ -159,7 +154,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
       arrays["labels"] = sampling.sample_labels(config, key, index)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_bytes_atomically(shard_path(directory, k), buffer.getvalue())
+    checkpoint.write_atomically(shard_path(directory, k), buffer.getvalue())
     done += len(index)
     progress.update(done)
 

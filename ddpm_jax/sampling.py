@@ -232,11 +232,34 @@ def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float
     steps = None if num_steps == sched.num_timesteps else num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
-  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  return map_over_devices(chain, devices, num_batched=2)
+
+
+def _mesh(devices) -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(devices), ("batch",))
+
+
+def batch_sharding(devices) -> jax.sharding.NamedSharding:
+  """Arrays split along their leading axis over `devices`."""
+  return jax.sharding.NamedSharding(_mesh(devices), jax.sharding.PartitionSpec("batch"))
+
+
+def replicate(tree, devices=None):
+  """`tree` copied onto every one of `devices` (default: the local ones); a no-op for a tree
+  placed so already, so callers in a loop can place params once beforehand."""
+  devices = tuple(jax.local_devices() if devices is None else devices)
+  return jax.device_put(tree, jax.sharding.NamedSharding(_mesh(devices),
+                                                         jax.sharding.PartitionSpec()))
+
+
+def map_over_devices(fn: Callable, devices: tuple, num_batched: int) -> Callable:
+  """jit(shard_map(fn)): fn(params, *batched) runs on every device with the params replicated
+  and each of the `num_batched` arrays (and the outputs) split along the leading axis; no
+  communication between devices."""
   P = jax.sharding.PartitionSpec
-  mapped = jax.shard_map(chain, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+  mapped = jax.shard_map(fn, mesh=_mesh(devices), in_specs=(P(),) + (P("batch"),) * num_batched,
                          out_specs=P("batch"), check_vma=False)
-  return jax.jit(mapped), mesh
+  return jax.jit(mapped)
 
 
 def check_params(params, config) -> None:
@@ -348,11 +371,10 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   per_call = per_device * len(devices)
   config_json = config.to_json()
   _checked_params(params, config_json)
-  run, mesh = _compiled_sampler(config_json, sampler, num_steps, eta, guidance_scale, dtype,
-                                per_device, devices)
-  P = jax.sharding.PartitionSpec
-  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))  # once, not per call
-  batch = jax.sharding.NamedSharding(mesh, P("batch"))
+  run = _compiled_sampler(config_json, sampler, num_steps, eta, guidance_scale, dtype,
+                          per_device, devices)
+  params = replicate(params, devices)  # once for all calls below
+  batch = batch_sharding(devices)
   index = jnp.arange(first_index, first_index + num_samples)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
   all_labels = _labels(labels, keys, num_samples, num_classes)
