@@ -78,18 +78,29 @@ def _dummy_inputs(config):
 
 
 def init_params(config, key) -> Any:
+  """The model's initial float32 parameters from `key`."""
+  return jax.jit(lambda k: _init_params(config, k))(key)
+
+
+def _init_params(config, key):
   x, t = _dummy_inputs(config)
   return UNet(**config.model).init({"params": key}, x, t, train=False)["params"]
 
 
 def create_train_state(config, key) -> TrainState:
-  """A fresh TrainState on the default device; EMA trees start as copies of the parameters."""
-  params = init_params(config, key)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      ema_params=tuple(params for _ in ema_decays(config)),
-      opt_state=make_optimizer(config).init(params),
-      nonfinite_steps=jnp.zeros((), jnp.int32))
+  """A fresh TrainState on the default device; EMA trees start as copies of the parameters.
+
+  One jit-compiled program: run op by op, the initialisers and Adam's zeros compile one
+  small program each (hundreds of compilations, seconds to tens of seconds at start-up).
+  """
+  def build(key):
+    params = _init_params(config, key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        ema_params=tuple(params for _ in ema_decays(config)),
+        opt_state=make_optimizer(config).init(params),
+        nonfinite_steps=jnp.zeros((), jnp.int32))
+  return jax.jit(build)(key)
 
 
 def ema_update(ema, params, decay: float):
@@ -321,12 +332,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   config = checkpoint.write_or_check_config(workdir, config)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
-  state = create_train_state(config, init_key)
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    tree, _ = ckpt.restore(target=state_dict(state))
-    state = state_from_dict(state, tree)
+    # Resuming needs only the state's structure: no initialisation to compile and run.
+    template = jax.eval_shape(lambda k: create_train_state(config, k), init_key)
+    tree, _ = ckpt.restore(target=state_dict(template))
+    state = state_from_dict(template, tree)
     logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
+  else:
+    state = create_train_state(config, init_key)
   start_step = int(state.step)
 
   par = Parallel(config, make_train_step(config))

@@ -1,13 +1,26 @@
-"""Test-wide setup: 8 CPU devices, so multi-device code runs in one process (1 vs 8 devices).
+"""Test-wide setup: 8 CPU devices, so multi-device code runs in one process (1 vs 8 devices),
+and one persistent compilation cache for the whole session.
 
 Set before JAX initialises its backend; a value already in XLA_FLAGS wins.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Many tests build the same programs again (a new closure is a new jit), and the main.py tests
+# start fresh processes that compile the same train step: JAX's persistent cache (programs
+# that took >= 1 s to compile) lets them load it instead. A fresh directory per session, so
+# every test run still compiles everything once; subprocesses inherit it through os.environ.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="ddpm_jax_test_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 
 
 # Shared fixtures: imported after the XLA flags above, so JAX starts with 8 CPU devices.
