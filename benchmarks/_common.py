@@ -122,7 +122,9 @@ def versions(*extra):
 
 def device_line():
   d = jax.devices()[0]
-  cpu = f", {os.cpu_count()} CPU cores" if d.platform == "cpu" else ""
+  # The cores this process may use (taskset narrows them), not the machine's count.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cpu = f", {cores} CPU cores" if d.platform == "cpu" else ""
   return f"{d.platform}: {d.device_kind} ({jax.device_count()} device(s){cpu})"
 
 

@@ -24,6 +24,11 @@ fastest round is the closest to the uncontended speed: PyTorch's OpenMP threads 
 than XLA's thread pool when another process takes a core). Sampling: each sampler runs once
 untimed, then --sample_rounds interleaved timed runs. The ratios printed are ours / the peer's
 img/s: against the peer's best variant, and like for like (float32 vs float32, bf16 vs AMP bf16).
+
+--sections profile: where the train step's time goes, by category (convolution, matmul +
+attention, normalisation + elementwise, ...), ours and the peer's side by side, from
+jax.profiler and torch.profiler traces (benchmarks/_profile.py). Run it under `taskset -c 0`
+to compare single-core work, where each column adds up to the wall time.
 """
 import argparse
 import os
@@ -31,12 +36,16 @@ import statistics
 import sys
 import time
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _profile  # noqa: E402  (imports nothing heavy)
+
+_profile.enable_cpu_tracing(sys.argv)  # before JAX starts
+
+import jax  # noqa: E402
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Report, Runner, bench_config, device_line, time_calls  # noqa: E402
 from sample import OurSampler  # noqa: E402
 from ddpm_jax import train  # noqa: E402
@@ -186,6 +195,23 @@ def section_sample(args, report):
   report_times(report, "sampling", "first call s", first, times, args.sample_batch)
 
 
+def section_profile(args, report):
+  """The train step's time by category (benchmarks/_profile.py): ours float32 and bfloat16
+  against the peer's fp32 and AMP bf16 eager steps, each over --iters traced steps."""
+  report(f"Where the train step's time goes, CIFAR-10 model, batch {args.batch}: ms per step by "
+         f"category, summed over the ops that ran (see benchmarks/_profile.py), {args.iters} "
+         f"traced steps after warm-up")
+  columns = {}
+  for dtype in ("float32", "bfloat16"):
+    run = Runner(bench_config("cifar10", args.batch, dtype))
+    columns[f"ours {dtype}"] = _profile.xla_profile(run, run.compiled, args.iters)
+    del run
+  for name, amp in (("peer fp32", False), ("peer AMP bf16", True)):
+    columns[name] = _profile.torch_profile(PeerTrainer(args.batch, amp, False), args.iters,
+                                           cuda=TORCH_DEVICE == "cuda")
+  _profile.report_profiles(report, columns)
+
+
 def report_times(report, what, first_label, first, times, batch):
   """A row per variant (its first call, median and fastest round; seconds per call of `batch`
   images), then ours / the peer's img/s from the medians and from the fastest rounds."""
@@ -220,7 +246,8 @@ def report_ratios(report, what, speed):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--sections", default="params,train,sample")
+  parser.add_argument("--sections", default="params,train,sample",
+                      help="any of params,train,sample,profile")
   parser.add_argument("--batch", type=int, default=128, help="train batch (one device)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=2)
@@ -244,6 +271,8 @@ def main():
     section_train(args, report)
   if "sample" in sections:
     section_sample(args, report)
+  if "profile" in sections:
+    section_profile(args, report)
   report.save()
 
 

@@ -22,6 +22,10 @@ Sections (--sections):
          ddpm_jax.data), device prefetch and the step, with metrics fetched every --log_every
          steps, against the same loop on a resident batch (interleaved), and the pipeline's
          own img/s.
+  profile the step's time by category (convolution, matmul + attention, normalisation +
+         elementwise, reductions, layout, random numbers, collectives), per dtype, at the first
+         of --batches, from a jax.profiler trace of --iters steps (benchmarks/_profile.py);
+         benchmarks/peer.py --sections profile puts the peer's beside it.
 
 "Fits": the compiled program's memory_analysis() (temp + arguments + outputs - donated aliases)
 <= the device's bytes_limit (GPU/TPU) or --memory_gib (CPU, where it is an estimate of the
@@ -51,12 +55,15 @@ def _memory_scheduler_for_fit_sections(argv):
 
 
 _memory_scheduler_for_fit_sections(sys.argv)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _profile  # noqa: E402  (imports nothing heavy)
+
+_profile.enable_cpu_tracing(sys.argv)
 
 import jax  # noqa: E402  (after XLA_FLAGS is final)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (GIB, Report, Runner, bench_config, cell, device_line,  # noqa: E402
                      device_memory_budget, load_config, peak_memory_bytes, peak_tflops, step_of, time_calls,
                      xla_flops)
@@ -222,6 +229,22 @@ def section_vmap(args, report, _):
     report(f"{dtype:<9} {v * 1e3:>9.1f} {bt * 1e3:>10.1f} {v / bt:>12.3f}")
 
 
+def section_profile(args, report, budget):
+  """The train step's time by category (benchmarks/_profile.py), per dtype, at the first of
+  --batches ("max": the largest that fits)."""
+  columns = {}
+  for dtype in args.dtypes.split(","):
+    b = args.batches.split(",")[0]
+    b = largest_batch(args.config, dtype, False, budget[0], args.max_batch)[0] if b == "max" else b
+    run = Runner(bench_config(args.config, int(b), dtype))
+    columns[f"{dtype} batch {b}"] = _profile.xla_profile(run, run.compiled, args.iters)
+    del run
+  report(f"Where the train step of configs/{args.config}.py spends its time: ms per step by "
+         f"category, summed over the ops that ran (see benchmarks/_profile.py), {args.iters} "
+         f"traced steps after warm-up")
+  _profile.report_profiles(report, columns)
+
+
 def diffusion_schedule(config):
   from ddpm_jax import sampling  # noqa: E402  (the schedule of config.diffusion)
   return sampling.schedule_from_config(config)
@@ -273,7 +296,7 @@ def section_loop(args, report, _):
 
 
 SECTIONS = {"step": section_step, "fit": section_fit, "remat": section_remat,
-            "vmap": section_vmap, "loop": section_loop}
+            "vmap": section_vmap, "loop": section_loop, "profile": section_profile}
 
 
 def main():
