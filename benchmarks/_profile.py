@@ -96,7 +96,10 @@ def xla_profile(call, compiled, n):
   call(); compiled: the jax compiled executable those calls run (its HLO names the events)."""
   import jax
   import time
-  instructions = parse_hlo(compiled.as_text())
+  text = compiled.as_text()
+  instructions = parse_hlo(text)
+  module = re.match(r"HloModule (\S+?),?\s", text)
+  module = module.group(1) if module else None
   with tempfile.TemporaryDirectory() as logdir:
     jax.block_until_ready(call())
     jax.profiler.start_trace(logdir)
@@ -109,12 +112,16 @@ def xla_profile(call, compiled, n):
     data = jax.profiler.ProfileData.from_file(files[-1])
     totals = collections.Counter()
     matched = 0
-    for plane in data.planes:
+    # On a GPU/TPU the ops' time is on the device planes; the host's launch events for the same
+    # ops are not counted again.
+    planes = [p for p in data.planes if p.name.startswith("/device:")] or list(data.planes)
+    for plane in planes:
       for line in plane.lines:
         for event in line.events:
-          name = dict(event.stats).get("hlo_op", event.name)
-          if name not in instructions:
-            continue
+          stats = dict(event.stats)
+          name = stats.get("hlo_op", event.name)
+          if name not in instructions or stats.get("hlo_module", module) != module:
+            continue  # another program's op (instruction names repeat across programs)
           opcode, shape, body = instructions[name]
           if opcode in _CONTAINERS:
             continue
