@@ -78,13 +78,25 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from etils import epy
 
-try:  # TF must not allocate GPU memory that JAX needs; harmless on CPU-only TF.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices elsewhere; too late to hide them.
-  pass
+
+def _keep_tf_off_the_gpus(_module_name: str) -> None:
+  import tensorflow  # pylint: disable=import-outside-toplevel  (already imported by now)
+  try:  # TF must not allocate GPU memory that JAX needs; harmless on CPU-only TF.
+    tensorflow.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices elsewhere; too late to hide them.
+    pass
+
+
+# Imported on first use, by the input pipeline: the model, the train step, sampling and the
+# benchmarks on synthetic data run where TensorFlow is not installed (e.g. a bare GPU image).
+with epy.lazy_imports(
+    error_callback="ddpm_jax's input pipeline needs tensorflow and tensorflow-datasets: "
+                   "pip install -r requirements.txt",
+    success_callback=_keep_tf_off_the_gpus):
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
 
 DEFAULT_SHUFFLE_BUFFER = 50_000
 DIGITS_NUM_TEST = 297  # the last 297 of scikit-learn's 1797 digits are the test split

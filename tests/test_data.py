@@ -2,7 +2,10 @@
 
 No download happens anywhere: tfds datasets are mocked, and digits ships with scikit-learn.
 """
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -386,3 +389,20 @@ def test_prefetch_to_device_keeps_values_and_order():
   for i, item in enumerate(out):
     assert isinstance(item["x"], jax.Array) and item["x"].shape == (len(devices), 2, 3)
     np.testing.assert_array_equal(np.asarray(item["x"]), batches[i]["x"])
+
+
+def test_tensorflow_is_imported_only_by_the_input_pipeline():
+  """The model, train step, sampling and evaluation import without TensorFlow (a GPU image may
+  not have it); building an input pipeline imports it and hides the GPUs from it."""
+  # In a fresh interpreter: this one has TF loaded already.
+  code = ("import sys; import ddpm_jax, ddpm_jax.train, ddpm_jax.evaluation, ddpm_jax.generate; "
+          "assert 'tensorflow' not in sys.modules, 'imported TF'; "
+          "from configs import digits; from ddpm_jax import data; "
+          "next(iter(data.create_input_iter(digits.get_config(), split='train', "
+          "per_host_batch_size=4, seed=0, start_step=0))); "
+          "import tensorflow as tf; assert 'tensorflow' in sys.modules; "
+          "assert not tf.config.get_visible_devices('GPU')")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
