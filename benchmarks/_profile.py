@@ -19,6 +19,7 @@ import glob
 import os
 import re
 import tempfile
+import time
 
 CATEGORIES = ("convolution", "matmul + attention", "normalisation + elementwise", "reductions",
               "layout (transpose, copy)", "random numbers", "collectives", "other")
@@ -94,8 +95,7 @@ def hlo_category(opcode, shape, body):
 def xla_profile(call, compiled, n):
   """({category: ms per call}, wall ms per call) from a trace of n synchronised calls of
   call(); compiled: the jax compiled executable those calls run (its HLO names the events)."""
-  import jax
-  import time
+  import jax  # pylint: disable=import-outside-toplevel  (after enable_cpu_tracing)
   text = compiled.as_text()
   instructions = parse_hlo(text)
   module = re.match(r"HloModule (\S+?),?\s", text)
@@ -160,8 +160,7 @@ def torch_category(name):
 def torch_profile(call, n, cuda=False):
   """({category: ms per call}, wall ms per call) from torch.profiler's self time per op over
   n calls of call() (which synchronises)."""
-  import time
-  import torch
+  import torch  # pylint: disable=import-outside-toplevel  (only peer.py has it)
   call()
   activities = [torch.profiler.ProfilerActivity.CPU]
   if cuda:

@@ -236,6 +236,9 @@ def section_profile(args, report, budget):
   for dtype in args.dtypes.split(","):
     b = args.batches.split(",")[0]
     b = largest_batch(args.config, dtype, False, budget[0], args.max_batch)[0] if b == "max" else b
+    if b is None:
+      report(f"{dtype}: no batch fits in {budget[1]}")
+      continue
     run = Runner(bench_config(args.config, int(b), dtype))
     columns[f"{dtype} batch {b}"] = _profile.xla_profile(run, run.compiled, args.iters)
     del run

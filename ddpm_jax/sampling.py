@@ -265,10 +265,9 @@ def map_over_devices(fn: Callable, devices: tuple, num_batched: int) -> Callable
 def check_params(params, config) -> None:
   """Raises one ValueError if `params` are not parameters of UNet(**config.model)."""
   size, channels = config.data.image_size, config.data.num_channels
-  x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.int32)
   want = jax.eval_shape(lambda: UNet(**model_kwargs(config)).init(
-      jax.random.PRNGKey(0), jnp.zeros(x.shape), jnp.zeros(t.shape, jnp.int32)))["params"]
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)),
+      jnp.zeros((1,), jnp.int32)))["params"]
   problem = checkpoint.tree_mismatch(params, want)
   if problem:
     raise ValueError(f"The params do not fit the config's model ({problem}); pass the config "

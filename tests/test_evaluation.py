@@ -42,6 +42,11 @@ def chain_inputs(params, config, key, n):
   return model_fn, sampling.schedule_from_config(config), keys
 
 
+def equals_the_loop(got, want):
+  """sample()'s output against a loop's unclipped x_0: sample() clips to [-1, 1]."""
+  np.testing.assert_allclose(np.asarray(got), np.clip(np.asarray(want), -1, 1), atol=1e-5)
+
+
 def same_samples(a, b):
   """Equal up to float rounding: a different per-device batch may round convolutions
   differently (1e-7), while every sample's noise is identical."""
@@ -80,7 +85,7 @@ def test_sample_is_the_scan_sampler_with_per_sample_keys(run, sampler, steps):
   else:
     want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys,
                                   num_steps=None if steps == 20 else steps)
-  np.testing.assert_allclose(np.asarray(got), np.clip(np.asarray(want), -1, 1), atol=1e-5)
+  equals_the_loop(got, want)
 
 
 def test_ddim_eta0_is_deterministic_and_respacing_with_T_steps_is_the_full_chain(run):
@@ -104,12 +109,12 @@ def test_ddim_eta0_is_deterministic_and_respacing_with_T_steps_is_the_full_chain
     x = sampling._ddim_step(sched_r, lambda x, t: model_fn(x, jnp.asarray(kept)[t]), x, t,
                             jax.vmap(jax.random.fold_in, (0, None))(other, i), eta=0.0,
                             mean_type="eps", var_type="fixedlarge", clip_denoised=True)
-  np.testing.assert_allclose(np.asarray(a), np.clip(np.asarray(x), -1, 1), atol=1e-5)
+  equals_the_loop(a, x)
   full = ddpm_jax.sample(params, key, config=config, num_samples=4, num_steps=20)
   sched_T = ddpm_jax.respace(sched, ddpm_jax.space_timesteps(20, 20))
   assert sched_T is sched  # T kept steps: the chain is the full one, not a recomputed copy
   want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys)  # the full chain
-  np.testing.assert_allclose(np.asarray(full), np.clip(np.asarray(want), -1, 1), atol=1e-5)
+  equals_the_loop(full, want)
 
 
 def test_bfloat16_sampling_is_close_to_float32(run):
