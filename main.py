@@ -7,17 +7,38 @@
 
 Any config field can be overridden, e.g. --config.training.batch_size=256. Restarting the same
 command resumes from the workdir's latest checkpoint (training) or keeps what is already
-written (sampling). --mode=sample and --mode=eval read the run's config.json when --config is
-not given; with --config, its model and diffusion fields must match the run's, and its
-sampling/eval fields are used (e.g. --config.sampling.sampler=ddim). On several hosts run the same command on
-every host: Cloud TPU pods and SLURM/Open MPI jobs are detected; elsewhere pass
---coordinator_address, --num_processes and --process_id.
-"""
-import os
+written (sampling).
 
-import jax
+--mode=sample and --mode=eval start from the run's own config.json: the command line changes
+only what may change between the runs of one workdir (sampling, eval, parallel, model.dtype,
+data.data_dir ...; see ddpm_jax/settings.py), e.g. `--config.sampling.sampler=ddim` with or
+without --config. A --config file's training and optimiser fields are ignored there (the run's
+are kept); its model, diffusion or data fields must equal the run's, else one sentence names
+the difference (the file is then for another run).
+
+On several hosts run the same command on every host: Cloud TPU pods and SLURM/Open MPI jobs are
+detected; elsewhere pass --coordinator_address, --num_processes and --process_id.
+
+A user's mistake (ddpm_jax.errors.UserError, and a flag the parser refuses) ends the program
+with its one sentence on stderr and exit status 2, without a traceback; any other exception is
+a bug and keeps its traceback.
+"""
+import difflib
+import importlib.util
+import os
+import re
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ddpm_jax.errors import UserError
+
+# The schema that `--config.<field>=...` overrides are parsed against when --mode=sample/eval
+# is given no --config: the run's own config.json is the base, these overrides change it.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "default.py")
+USER_ERROR_STATUS = 2
 
 config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/cifar10.py.",
                                 lock_config=True)
@@ -33,6 +54,101 @@ FLAGS = flags.FLAGS
 
 # Environment variables that mean "this is one process of several" on the clusters jax detects.
 _CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_CONFIG_FILE = re.compile(r"^--?config(?:=(.*))?$")
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def _config_path(argv):
+  """The --config value in argv (None if absent)."""
+  for i, arg in enumerate(argv):
+    m = _CONFIG_FILE.match(arg)
+    if m:
+      return m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+  return None
+
+
+def with_default_config(argv):
+  """argv with --config=configs/default.py first if it has --config.* overrides but no
+  --config: they are then parsed (and type-checked) against the default schema."""
+  if _config_path(argv) is None and any(_OVERRIDE.match(a) for a in argv[1:]):
+    return argv[:1] + [f"--config={DEFAULT_CONFIG}"] + argv[1:]
+  return argv
+
+
+def _leaves(tree, prefix=""):
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      yield from _leaves(value, path + ".")
+    else:
+      yield path
+
+
+def _load_config(path):
+  """The config of a config file, for naming fields in an error (None if it cannot load)."""
+  try:
+    spec = importlib.util.spec_from_file_location("_config_for_names", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    if os.getcwd() not in sys.path:
+      sys.path.insert(0, os.getcwd())  # configs import `configs.default` from the checkout
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # the original parse error is reported instead
+
+
+def unknown_field_sentence(argv):
+  """One sentence naming the first --config.* override that is not a field of the config, with
+  the closest field names; None if every override names a field (or the config won't load)."""
+  path = _config_path(argv)
+  config = _load_config(path) if path else None
+  if config is None:
+    return None
+  fields = list(_leaves(config))
+  sections = {f.rsplit(".", 1)[0] for f in fields if "." in f}
+  for arg in argv[1:]:
+    m = _OVERRIDE.match(arg)
+    if m and m.group(1) not in fields and m.group(1) not in sections:
+      name = m.group(1)
+      close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6) or difflib.get_close_matches(
+          name.rsplit(".", 1)[-1], [f.rsplit(".", 1)[-1] for f in fields], n=3, cutoff=0.6)
+      hint = (f"; the closest are {', '.join(close)}" if close else
+              "; configs/default.py declares every field")
+      return f"--config.{name}: the config {path} has no field {name}{hint}."
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every refusal turned into one sentence (a UserError)."""
+  argv = with_default_config(list(argv))
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sentence = unknown_field_sentence(argv) or " ".join(str(e).split())
+    raise UserError(sentence) from e
+  except (AttributeError, KeyError) as e:  # config_flags on an override of an unknown field
+    sentence = unknown_field_sentence(argv)
+    if sentence is None:
+      raise
+    raise UserError(sentence) from e
+
+
+def given_config():
+  """The --config of the command line with its overrides, or None if there was no --config."""
+  if FLAGS.config is None or config_flags.get_config_filename(FLAGS["config"]) == DEFAULT_CONFIG:
+    return None
+  return FLAGS.config
+
+
+def overrides():
+  """{dotted field: value} of the --config.* flags given."""
+  return dict(config_flags.get_override_values(FLAGS["config"])) if FLAGS.config else {}
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def _is_multiprocess_environment() -> bool:
@@ -43,6 +159,7 @@ def _is_multiprocess_environment() -> bool:
 
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() for multi-host runs; nothing for a single process."""
+  import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
     # CPU-only processes need a collectives backend; GPUs and TPUs ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -54,24 +171,25 @@ def maybe_initialize_distributed() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise UserError(f"Unexpected arguments {' '.join(argv[1:])}: every setting is a flag, such "
+                    "as --config.training.batch_size=256.")
+  from ddpm_jax import rundir, settings  # pylint: disable=import-outside-toplevel
+  config = given_config()
+  if FLAGS.mode == "train":
+    if config is None:
+      raise UserError("--mode=train needs --config, e.g. --config=configs/cifar10.py.")
+  else:
+    config = rundir.config_for_use(FLAGS.workdir, config, overrides())
+  settings.validate(config)  # before anything is written; train_and_evaluate checks devices too
   maybe_initialize_distributed()
+  import jax  # pylint: disable=import-outside-toplevel
   logging.info("Process %d of %d, %d local devices of %d: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  config = FLAGS.config
   if FLAGS.mode == "train":
-    if config is None:
-      raise app.UsageError("Training needs --config, e.g. --config=configs/cifar10.py.")
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(config, FLAGS.workdir)
-    return
-  from ddpm_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if config is None:
-    config = checkpoint.read_config(FLAGS.workdir)
-  else:
-    checkpoint.check_config(FLAGS.workdir, config)
-  if FLAGS.mode == "sample":
+  elif FLAGS.mode == "sample":
     from ddpm_jax import generate  # pylint: disable=import-outside-toplevel
     directory = generate.generate(config, FLAGS.workdir, step=FLAGS.step)
     logging.info("Samples written to %s.", directory)
@@ -80,5 +198,14 @@ def main(argv):
     evaluation.evaluate(config, FLAGS.workdir, step=FLAGS.step)
 
 
+def run(argv=None) -> None:
+  """app.run(main) where a UserError ends the program with its sentence alone on stderr."""
+  try:
+    app.run(main, argv=argv, flags_parser=parse_flags)
+  except UserError as e:
+    sys.stderr.write(f"{e}\n")
+    sys.exit(USER_ERROR_STATUS)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -4,6 +4,7 @@ Each dataset file starts with `config = default.get_config()` and overrides what
 Every field can be overridden on the command line, e.g. `--config.training.batch_size=256`.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -12,10 +13,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "cifar10"
-  data.data_dir = None  # tfds data_dir; None uses tfds' default (~/tensorflow_datasets).
+  # tfds data_dir; unset uses tfds' default (~/tensorflow_datasets).
+  data.data_dir = config_dict.placeholder(str)
   data.image_size = 32
   data.num_channels = 3
   data.random_flip = True
+  # Read by data.py; declared so that the command line can set them.
+  data.pad_to_size = False  # True: zero-pad smaller fixed-size images (MNIST 28 -> 32)
+  data.shuffle_buffer_size = 50_000  # encoded records in the shuffle buffer
 
   # The U-Net of Ho et al. (2020): UNet(**config.model).
   config.model = model = ml_collections.ConfigDict()
@@ -75,8 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.bpd_num_examples = 0  # 0: the whole split
   evaluation.batch_size = 128  # per host, for bits/dim and Inception features
   evaluation.num_samples = 50_000  # samples for FID/IS (written as in --mode=sample)
-  evaluation.inception_weights = None  # a local .npz; see docs/inception_weights.md
-  evaluation.fid_reference = None  # an .npz with mu, sigma; None: computed from the data
+  # a local .npz (docs/inception_weights.md)
+  evaluation.inception_weights = config_dict.placeholder(str)
+  evaluation.fid_reference = config_dict.placeholder(str)  # .npz of mu, sigma; unset: the data
   evaluation.fid_split = "train"  # the data split of computed reference statistics
   evaluation.fid_reference_examples = 50_000  # at most this many examples of fid_split
   # In-training evaluation (training.eval_every > 0) on EMA params, off by default:

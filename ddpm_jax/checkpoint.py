@@ -1,8 +1,7 @@
-"""Run directories: config.json, orbax checkpoints of the training state, and `load(workdir)`.
+"""Orbax checkpoints of the training state, and `load(workdir)`.
 
-A run directory (see ../shared/DESIGN.md, "Workdir layout") holds
+A run directory (see ../shared/DESIGN.md, "Workdir layout"; config.json is rundir.py's) holds
 
-    config.json                 the run's full config (`config.to_json(indent=2, sort_keys=True)`)
     checkpoints/<step>/         one orbax checkpoint per saved step, two items:
         state/                  the state tree (PyTreeCheckpointHandler, OCDBT): every leaf a host
                                 numpy array, so a checkpoint carries no device or sharding layout
@@ -14,7 +13,7 @@ only `ema_params[0]` (the EMA that sampling uses), so it needs neither the optim
 
 Paths may be local or anything `etils.epath` opens (e.g. gs://). Every process of a multi-process
 job calls `Checkpointer.save`/`restore` (orbax coordinates who writes what); only process 0
-writes config.json. `load` and `read_config` are process-local and may be called by any subset.
+writes config.json. `load` is process-local and may be called by any subset.
 """
 from __future__ import annotations
 
@@ -27,202 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 
-CONFIG_FILE = "config.json"
+from ddpm_jax import rundir
+from ddpm_jax.errors import MissingFileError, UserError
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 META_ITEM = "meta"
-
-# Config fields that may change between the runs of one workdir: how long to train and how
-# often to log/save/sample/evaluate, sampling and evaluation settings, where the data live, and
-# how the step is mapped over devices, and whether the U-Net rematerialises (memory vs compute,
-# the same function and parameters). Everything else changes what is trained or what a
-# checkpoint means (model, diffusion, data, optimizer, seed, batch size, EMA decays, ...).
-COMPATIBLE_KEYS = frozenset({
-    "data.data_dir",
-    "model.dtype",  # compute dtype only: parameters are float32 whatever it is
-    "model.remat",  # recomputation in the backward pass: the same parameters and results
-    "parallel",
-    "training.num_train_steps",
-    "training.log_every",
-    "training.checkpoint_every",
-    "training.keep_checkpoints",
-    "training.sample_every",
-    "training.eval_every",
-})
-COMPATIBLE_PREFIXES = ("sampling.", "eval.")
-
-_ABSENT = "<absent>"
-
-
-# ----------------------------------------------------------------------------- config.json
-
-
-def is_compatible_key(key: str) -> bool:
-  """Whether the dotted config key `key` may differ from the value stored in a workdir."""
-  return key in COMPATIBLE_KEYS or key.startswith(COMPATIBLE_PREFIXES)
-
-
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict) and v:
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def _same(a: Any, b: Any) -> bool:
-  """JSON values equal, and a bool never equal to a number (True == 1 in Python)."""
-  if isinstance(a, list) and isinstance(b, list):
-    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-  return isinstance(a, bool) == isinstance(b, bool) and type(a) is not list and a == b
-
-
-def _tuples(value: Any) -> Any:
-  """JSON lists back to tuples (ml_collections writes tuples as lists), dicts recursively."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def _config_json(config: ml_collections.ConfigDict) -> str:
-  return config.to_json(indent=2, sort_keys=True)
-
-
-def _workdir_error(workdir, err: OSError) -> ValueError:
-  reason = err.strerror or str(err)
-  return ValueError(f"Cannot write the run directory {os.fspath(workdir)} ({reason}); pass a "
-                    "--workdir you can create and write.")
-
-
-def write_atomically(path: epath.Path, data) -> None:
-  """Writes `data` (str or bytes) to a temporary file beside `path`, then renames it over
-  `path`: a reader sees the old file or the whole new one, never a part."""
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  try:
-    if isinstance(data, bytes):
-      tmp.write_bytes(data)
-    else:
-      tmp.write_text(data)
-    tmp.replace(path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
-def _check_writable(root: epath.Path) -> None:
-  """Creates and deletes a file in `root` (an existing directory can still be read-only)."""
-  probe = root / f".write-test-{os.getpid()}"
-  probe.write_text("")
-  probe.unlink()
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config stored in workdir/config.json, with JSON lists turned back into tuples."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{workdir} is not a ddpm_jax run directory: it has no {CONFIG_FILE} "
-                            f"(looked for {path}).")
-  text = path.read_text()
-  try:
-    tree = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); it should hold the run's config as "
-                     "written by training.") from e
-  if not isinstance(tree, dict):
-    raise ValueError(f"{path} holds a JSON {type(tree).__name__}, not the run's config object.")
-  return ml_collections.ConfigDict(_tuples(tree))
-
-
-def write_or_check_config(workdir: str,
-                          config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Records `config` in workdir/config.json, or checks it against the one already there.
-
-  A new workdir gets the config (written by process 0, atomically). An existing one keeps its
-  run: fields that change what is trained or what a checkpoint means must be equal (else a
-  ValueError names each field with its stored and new values); the others (see
-  `is_compatible_key`: step counts, logging/checkpoint/sample/eval intervals, sampling and eval
-  settings, data.data_dir, parallel) may change, and config.json is updated to the new values.
-  Returns `config`.
-  """
-  root = epath.Path(workdir)
-  try:
-    root.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise _workdir_error(workdir, e) from e
-  if not root.is_dir():
-    raise ValueError(f"Cannot use {workdir} as the run directory: it is not a directory; pass a "
-                     "--workdir you can create and write.")
-  path = root / CONFIG_FILE
-  new_text = _config_json(config)
-  primary = jax.process_index() == 0
-  if primary:
-    try:
-      _check_writable(root)
-    except OSError as e:
-      raise _workdir_error(workdir, e) from e
-
-  def write():
-    if primary:
-      try:
-        write_atomically(path, new_text + "\n")
-      except OSError as e:
-        raise _workdir_error(workdir, e) from e
-
-  if not path.exists():
-    write()
-    return config
-
-  changed = _changed_fields(workdir, path, new_text, "resume it")
-  if changed:
-    logging.info("Updating %s in %s.", ", ".join(changed), path)
-    write()
-  return config
-
-
-def _changed_fields(workdir: str, path: epath.Path, new_text: str, purpose: str) -> List[str]:
-  """The dotted fields in which `new_text` differs from the stored config.json; refuses (one
-  ValueError naming each field and both values) fields that are not `is_compatible_key`."""
-  try:
-    old = _flatten(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); move it away to start a new run in "
-                     f"{workdir}, or use a new --workdir.") from e
-  new = _flatten(json.loads(new_text))
-  changed = sorted(k for k in old.keys() | new.keys()
-                   if not _same(old.get(k, _ABSENT), new.get(k, _ABSENT)))
-  refused = [k for k in changed if not is_compatible_key(k)]
-  if refused:
-    def show(v):
-      return _ABSENT if v is _ABSENT else repr(_tuples(v))
-    listing = "; ".join(f"{k}: {show(old.get(k, _ABSENT))} in the run, {show(new.get(k, _ABSENT))}"
-                        f" now" for k in refused)
-    first = old.get(refused[0], _ABSENT)
-    hint = (f" (e.g. --config.{refused[0]}={first if isinstance(first, str) else show(first)})"
-            if first is not _ABSENT else "")
-    raise ValueError(
-        f"The config differs from the run in {workdir} ({path}) in fields that change what is "
-        f"trained or what its checkpoints mean ({listing}); restore the run's values{hint} to "
-        f"{purpose}, or pass a new --workdir to start a new run.")
-  return changed
-
-
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks `config` against workdir/config.json without writing anything: fields that change
-  what was trained must equal the run's (one ValueError naming them otherwise); sampling, eval
-  and the other `is_compatible_key` fields may differ. Returns `config`."""
-  path = epath.Path(workdir) / CONFIG_FILE
-  read_config(workdir)  # a clear error for a directory that is not a run
-  _changed_fields(workdir, path, _config_json(config), "use its checkpoints")
-  return config
-
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -344,7 +155,7 @@ class Checkpointer:
           item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(),
                          META_ITEM: ocp.JsonCheckpointHandler()})
     except OSError as e:
-      raise _workdir_error(self.directory, e) from e
+      raise rundir.workdir_error(self.directory, e) from e
 
   # -- queries
 
@@ -361,14 +172,14 @@ class Checkpointer:
     steps = self.all_steps()
     if step is None:
       if not steps:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No checkpoint in {self.directory}; train first with `"
             f"{train_command(self.workdir)}`.")
       return steps[-1]
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
       raise TypeError(f"step={step!r}: pass an int checkpoint step (or None for the latest).")
     if int(step) not in steps:
-      raise ValueError(f"No checkpoint of step {int(step)} in {self.directory}; available steps: "
+      raise UserError(f"No checkpoint of step {int(step)} in {self.directory}; available steps: "
                        f"{_steps_text(steps)}.")
     return int(step)
 
@@ -508,7 +319,7 @@ def resolve_step(workdir: str, step: Optional[int] = None) -> int:
   """`step` if workdir has a checkpoint of it, else the latest step (step=None); clear errors
   for a workdir without checkpoints or without that step."""
   if not (epath.Path(workdir) / CHECKPOINT_DIR).is_dir():
-    raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train "
+    raise MissingFileError(f"No checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train "
                             f"first with `{train_command(workdir)}`.")
   with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
     return ckpt._resolve_step(step)  # pylint: disable=protected-access
@@ -523,15 +334,15 @@ def load(workdir: str, *, step: Optional[int] = None) -> Tuple[Any, ml_collectio
   """
   root = epath.Path(workdir)
   if not root.exists():
-    raise FileNotFoundError(f"Workdir {workdir} does not exist; pass the --workdir of a "
+    raise MissingFileError(f"Workdir {workdir} does not exist; pass the --workdir of a "
                             "training run.")
   if not root.is_dir():
-    raise NotADirectoryError(f"Workdir {workdir} is not a directory; pass the --workdir of a "
+    raise UserError(f"Workdir {workdir} is not a directory; pass the --workdir of a "
                              "training run.")
-  config = read_config(workdir)
+  config = rundir.read_config(workdir)
   ckpt_dir = root / CHECKPOINT_DIR
   if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f"No checkpoint in {ckpt_dir}; train first with `"
+    raise MissingFileError(f"No checkpoint in {ckpt_dir}; train first with `"
                             f"{train_command(workdir)}`.")
   with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
     params = ckpt.restore_params_only(step)

@@ -19,6 +19,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr
 
 from ddpm_jax import rng
+from ddpm_jax.errors import UserError
 from ddpm_jax.schedules import Schedule
 
 MEAN_TYPES = ("eps", "x0", "v")
@@ -34,7 +35,7 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 def check_choice(kind: str, value, accepted) -> None:
   if value not in accepted:
-    raise ValueError(f"Unknown {kind} {value!r}; accepted: {', '.join(accepted)}.")
+    raise UserError(f"Unknown {kind} {value!r}; accepted: {', '.join(accepted)}.")
 
 
 def check_options(mean_type: str, var_type: str, loss_type: Optional[str] = None) -> None:

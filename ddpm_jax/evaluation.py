@@ -29,10 +29,12 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, data, diffusion, fid, generate, inception, sampling
+from ddpm_jax import (checkpoint, data, diffusion, fid, generate, inception, rundir, sampling,
+                      settings)
+from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress
 
-METRICS = ("bpd", "fid")
+METRICS = settings.METRICS
 BPD_STREAM = 0xB1D  # folded into the run's seed: the bound's noise differs from training's
 
 
@@ -114,9 +116,9 @@ def bits_per_dim_on_split(config, params, *, split: Optional[str] = None,
   split = e.split if split is None else split
   num_examples = e.get("bpd_num_examples", 0) if num_examples is None else num_examples
   if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-    raise ValueError(f"eval.bpd_num_examples must be an integer >= 0 (0: the whole split), got "
+    raise UserError(f"eval.bpd_num_examples must be an integer >= 0 (0: the whole split), got "
                      f"{num_examples!r}.")
-  size = data.check_dataset(config, split)
+  size = settings.check_dataset(config, split)
   pc, pi = jax.process_count(), jax.process_index()
   start, stop = data.host_block(size, pi, pc)
   limit = stop - start
@@ -154,7 +156,7 @@ def load_inception(config):
   how to obtain them (docs/inception_weights.md)."""
   path = config.eval.get("inception_weights")
   if not path:
-    raise FileNotFoundError(
+    raise MissingFileError(
         "FID and IS need the Inception weights, but config.eval.inception_weights is not set: "
         f"download {inception.WEIGHTS_FILE}, convert it with {inception.CONVERTER} and pass "
         f"--config.eval.inception_weights=/path/to/it.npz, as {inception.WEIGHTS_DOC} explains "
@@ -186,7 +188,7 @@ def reference_statistics(config, workdir: str, variables, *, all_hosts: bool = T
   path = epath.Path(workdir) / "eval" / name
   if path.exists():
     return fid.load_statistics(os.fspath(path))
-  size = min(data.check_dataset(config, e.fid_split), limit)
+  size = min(settings.check_dataset(config, e.fid_split), limit)
   pc, pi = (jax.process_count(), jax.process_index()) if all_hosts else (1, 0)
   start, stop = data.host_block(size, pi, pc)
   batches = data.create_input_iter(config, split=e.fid_split, per_host_batch_size=e.batch_size,
@@ -220,7 +222,7 @@ def fid_and_inception_score(config, workdir: str, params, step: int, variables) 
   e = config.eval
   n = int(e.num_samples)
   if n < 2:
-    raise ValueError(f"eval.num_samples must be >= 2 for FID, got {n}.")
+    raise UserError(f"eval.num_samples must be >= 2 for FID, got {n}.")
   directory = generate.generate(config, workdir, num_samples=n, step=step, params=params)
   shard_size = int(json.loads((directory / generate.MANIFEST).read_text())["shard_size"])
   pc, pi = jax.process_count(), jax.process_index()
@@ -255,7 +257,7 @@ def write_results(workdir: str, step: int, results: dict) -> epath.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(path.read_text()) if path.exists() else {"step": step}
     merged.update(results)
-    checkpoint.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    rundir.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
   return path
 
 
@@ -266,11 +268,12 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
   before FID, so missing Inception weights (reported as one clear error at the end) never
   cost the bound.
   """
+  settings.validate(config)
   metrics = tuple(config.eval.get("metrics", METRICS))
   for m in metrics:
     diffusion.check_choice("eval metric", m, METRICS)
   if not metrics:
-    raise ValueError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
+    raise UserError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
   step = checkpoint.resolve_step(workdir, step)
   params, _ = checkpoint.load(workdir, step=step)
   sampling.check_params(params, config)
@@ -318,7 +321,7 @@ class TrainingEvaluator:
     n = int(e.train_bpd_examples)
     self.batch = None
     if n > 0:
-      data.check_dataset(config, e.split)
+      settings.check_dataset(config, e.split)
       it = data.create_input_iter(config, split=e.split, per_host_batch_size=n, seed=config.seed,
                                   repeat=False, shuffle=False, process_index=0, process_count=1)
       batch = next(iter(it))

@@ -27,7 +27,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, sampling
+from ddpm_jax import checkpoint, rundir, sampling, settings
+from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress, save_png
 
 MANIFEST = "sampling.json"
@@ -96,13 +97,13 @@ def _manifest(directory: epath.Path, settings: dict, shard_size: int, primary: b
     stored = json.loads(path.read_text())
     different = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
     if different:
-      raise ValueError(f"{path} records other sampling settings than asked for ("
+      raise UserError(f"{path} records other sampling settings than asked for ("
                        + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in
                                    different.items())
                        + "); move that directory away or sample into a new workdir.")
     return int(stored["shard_size"])
   if primary:
-    checkpoint.write_atomically(path, json.dumps(dict(settings, shard_size=shard_size),
+    rundir.write_atomically(path, json.dumps(dict(settings, shard_size=shard_size),
                                              indent=2).encode())
   return shard_size
 
@@ -119,7 +120,8 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
   """
   num_samples = config.sampling.num_samples if num_samples is None else num_samples
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+  settings.validate(config)
   sampling.check_settings(config)
   if params is None or step is None:
     step = checkpoint.resolve_step(workdir, step)
@@ -154,7 +156,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
       arrays["labels"] = sampling.sample_labels(config, key, index)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    checkpoint.write_atomically(shard_path(directory, k), buffer.getvalue())
+    rundir.write_atomically(shard_path(directory, k), buffer.getvalue())
     done += len(index)
     progress.update(done)
 
@@ -177,7 +179,7 @@ def read_samples(directory, num_samples: int, *,
   directory = epath.Path(directory)
   path = directory / MANIFEST
   if not path.exists():
-    raise FileNotFoundError(f"{directory} holds no samples ({MANIFEST} is missing); write them "
+    raise MissingFileError(f"{directory} holds no samples ({MANIFEST} is missing); write them "
                             "with --mode=sample.")
   shard_size = int(json.loads(path.read_text())["shard_size"])
   if shards is None:
@@ -186,7 +188,7 @@ def read_samples(directory, num_samples: int, *,
   for k in shards:
     shard = _read_shard(shard_path(directory, k))
     if shard is None:
-      raise FileNotFoundError(f"Shard {k} of {directory} is missing; run --mode=sample again to "
+      raise MissingFileError(f"Shard {k} of {directory} is missing; run --mode=sample again to "
                               "complete it.")
     keep = shard["index"] < num_samples
     images.append(shard["images"][keep])

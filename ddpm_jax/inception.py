@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax.errors import MissingFileError, UserError
+
 INPUT_SIZE = 299  # The protocol's input size: images are resized to 299x299.
 MIN_INPUT_SIZE = 75  # The smallest H, W that survives the network's strided layers.
 NUM_FEATURES = 2048  # pool3.
@@ -303,22 +305,22 @@ def variables_from_flat(arrays: Mapping[str, np.ndarray], source: str = "the wei
   expected = _variable_shapes()
   missing = sorted(set(expected) - set(arrays))
   if missing:
-    raise ValueError(f"{source} lack {len(missing)} of the Inception's {len(expected)} arrays, "
+    raise UserError(f"{source} lack {len(missing)} of the Inception's {len(expected)} arrays, "
                      f"e.g. {missing[0]!r} with shape {expected[missing[0]]}.")
   extra = sorted(set(arrays) - set(expected))
   if extra:
-    raise ValueError(f"{source} hold {len(extra)} arrays that the Inception does not have, "
+    raise UserError(f"{source} hold {len(extra)} arrays that the Inception does not have, "
                      f"e.g. {extra[0]!r}; expected only keys like 'Conv2d_1a_3x3/conv/kernel'.")
   tree = {}
   for key, shape in expected.items():
     value = np.asarray(arrays[key])
     if value.shape != shape:
-      raise ValueError(f"{source} give {key!r} the shape {value.shape}, the Inception needs "
+      raise UserError(f"{source} give {key!r} the shape {value.shape}, the Inception needs "
                        f"{shape}.")
     if not np.issubdtype(value.dtype, np.floating):
-      raise ValueError(f"{source} give {key!r} the dtype {value.dtype}; a float array is needed.")
+      raise UserError(f"{source} give {key!r} the dtype {value.dtype}; a float array is needed.")
     if not np.all(np.isfinite(value)):
-      raise ValueError(f"{source} give {key!r} non-finite values (NaN or Inf).")
+      raise UserError(f"{source} give {key!r} non-finite values (NaN or Inf).")
     collection = "batch_stats" if key.rsplit("/", 1)[-1] in _STATS_LEAVES else "params"
     tree[(collection,) + tuple(key.split("/"))] = jnp.asarray(value, jnp.float32)
   return traverse_util.unflatten_dict(tree)
@@ -339,11 +341,11 @@ def load_inception_params(path) -> Dict:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(_missing_weights_message(path))
+    raise MissingFileError(_missing_weights_message(path))
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Not an .npz, or truncated.
-    raise ValueError(f"Inception weights file {path!r} is not a readable .npz archive ({e}); "
+    raise UserError(f"Inception weights file {path!r} is not a readable .npz archive ({e}); "
                      f"convert {WEIGHTS_FILE} with {CONVERTER} as {WEIGHTS_DOC} explains.") from e
   return variables_from_flat(arrays, source=f"Inception weights file {path!r}")

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpoint, diffusion, rng
+from ddpm_jax import checkpoint, diffusion, rng, settings
+from ddpm_jax.errors import UserError
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.schedules import Schedule, make_schedule
 from ddpm_jax.unet import UNet
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = settings.SAMPLERS
 
 
 # ----------------------------------------------------------------------------- one step
@@ -278,7 +279,7 @@ def _check_int(name, value, low, high=None, what=""):
   ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
   if not ok or value < low or (high is not None and value > high):
     accepted = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-    raise ValueError(f"{name} must be {accepted}{what}, got {value!r}.")
+    raise UserError(f"{name} must be {accepted}{what}, got {value!r}.")
 
 
 def _labels(labels, keys, num_samples: int, num_classes: int):
@@ -322,11 +323,11 @@ def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, et
   _check_int("num_samples", num_samples, 1)
   eta = float(s.eta if eta is None else eta)
   if not eta >= 0:
-    raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
+    raise UserError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
   guidance_scale = float(s.get("guidance_scale", 0.0) if guidance_scale is None
                          else guidance_scale)
   if guidance_scale and not config.model.num_classes:
-    raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model, but "
+    raise UserError(f"guidance_scale={guidance_scale} needs a class-conditional model, but "
                      "config.model.num_classes is 0; use guidance_scale=0.")
   if dtype is not None:
     diffusion.check_choice("dtype", dtype, ("float32", "bfloat16"))

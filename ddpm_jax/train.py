@@ -25,11 +25,12 @@ from flax import struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import checkpoint, data, diffusion, evaluation, sampling
+from ddpm_jax import checkpoint, data, diffusion, evaluation, rundir, sampling, settings
+from ddpm_jax.errors import UserError
 from ddpm_jax.reporting import Reporter
 from ddpm_jax.unet import UNet
 
-PARALLEL = ("pmap", "shard_map")
+PARALLEL = settings.PARALLEL
 AXIS = "batch"
 
 
@@ -255,7 +256,7 @@ def check_batch_size(config) -> int:
   global_batch = config.training.batch_size
   devices = jax.device_count()
   if global_batch < 1 or global_batch % devices:
-    raise ValueError(
+    raise UserError(
         f"training.batch_size={global_batch} (global) does not divide over the {devices} devices "
         f"({jax.process_count()} processes x {jax.local_device_count()} local); use a multiple of "
         f"{devices}.")
@@ -321,15 +322,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   """
   tc = config.training
   # Refuse bad settings before anything is written to the workdir.
-  check_batch_size(config)
-  if config.parallel not in PARALLEL:
-    raise ValueError(f"Unknown parallel mapping {config.parallel!r}; accepted: "
-                     f"{', '.join(PARALLEL)}.")
-  data.check_dataset(config, "train")
+  settings.validate(config, device_count=jax.device_count())
+  settings.check_dataset(config, "train")
   evaluator = None
   if tc.get("eval_every", 0):  # built first: missing Inception weights stop the run at once
     evaluator = evaluation.TrainingEvaluator(config, workdir)
-  config = checkpoint.write_or_check_config(workdir, config)
+  config = rundir.write_or_check_config(workdir, config)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)

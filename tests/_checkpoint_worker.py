@@ -35,7 +35,7 @@ def two_process(process_id, port, workdir, out):
                              process_id=process_id, initialization_timeout=60)
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-  from ddpm_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import checkpoint, rundir  # pylint: disable=import-outside-toplevel
   assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(),
                                                                 jax.device_count())
 
@@ -44,7 +44,7 @@ def two_process(process_id, port, workdir, out):
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()),
                                         lambda idx: x[idx])
 
-  checkpoint.write_or_check_config(workdir, _config())
+  rundir.write_or_check_config(workdir, _config())
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
   for step in (1, 2, 3):
     tree = state(step)

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import default
-from ddpm_jax import checkpoint
+from ddpm_jax import checkpoint, rundir
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checkpoint_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,12 +59,12 @@ def _train_state(step, num_emas=2):
 def test_config_is_written_once_and_read_back_with_tuples(tmp_path):
   workdir = str(tmp_path / "a" / "run")  # parents are created
   config = default.get_config()
-  assert checkpoint.write_or_check_config(workdir, config) is config
+  assert rundir.write_or_check_config(workdir, config) is config
   text = (tmp_path / "a" / "run" / "config.json").read_text()
   assert json.loads(text) == json.loads(config.to_json(indent=2, sort_keys=True))
   assert not [f for f in os.listdir(workdir) if f != "config.json"]  # no temporary file left
 
-  back = checkpoint.read_config(workdir)
+  back = rundir.read_config(workdir)
   assert back.to_dict() == config.to_dict()
   assert back.model.ch_mult == (1, 2, 2, 2) and isinstance(back.model.ch_mult, tuple)
   assert back.model.attn_resolutions == (16,)
@@ -73,13 +73,13 @@ def test_config_is_written_once_and_read_back_with_tuples(tmp_path):
   assert back.data.data_dir is None and back.eval.inception_weights is None
 
   # Same config again: nothing to do, same file.
-  checkpoint.write_or_check_config(workdir, default.get_config())
+  rundir.write_or_check_config(workdir, default.get_config())
   assert (tmp_path / "a" / "run" / "config.json").read_text() == text
 
 
 def test_compatible_changes_update_config_json(tmp_path):
   workdir = str(tmp_path)
-  checkpoint.write_or_check_config(workdir, default.get_config())
+  rundir.write_or_check_config(workdir, default.get_config())
   new = default.get_config()
   new.training.num_train_steps = 5
   new.training.checkpoint_every = 7
@@ -88,15 +88,15 @@ def test_compatible_changes_update_config_json(tmp_path):
   new.eval.inception_weights = "/weights/inception.pkl"
   new.data.data_dir = "/data"
   new.parallel = "shard_map"
-  assert checkpoint.write_or_check_config(workdir, new) is new
-  stored = checkpoint.read_config(workdir)
+  assert rundir.write_or_check_config(workdir, new) is new
+  stored = rundir.read_config(workdir)
   assert stored.to_dict() == new.to_dict()
   assert stored.sampling.sampler == "ddim" and stored.data.data_dir == "/data"
 
 
 def test_incompatible_changes_are_refused_naming_key_and_values(tmp_path):
   workdir = str(tmp_path)
-  checkpoint.write_or_check_config(workdir, default.get_config())
+  rundir.write_or_check_config(workdir, default.get_config())
   before = (tmp_path / "config.json").read_text()
   new = default.get_config()
   new.model.ch = 64
@@ -104,7 +104,7 @@ def test_incompatible_changes_are_refused_naming_key_and_values(tmp_path):
   new.optim.learning_rate = 1e-3
   new.training.num_train_steps = 5  # compatible; not listed, and nothing is written
   with pytest.raises(ValueError) as e:
-    checkpoint.write_or_check_config(workdir, new)
+    rundir.write_or_check_config(workdir, new)
   msg = str(e.value)
   assert "model.ch: 128 in the run, 64 now" in msg
   assert "model.ch_mult: (1, 2, 2, 2) in the run, (1, 2) now" in msg
@@ -120,7 +120,7 @@ def test_incompatible_changes_are_refused_naming_key_and_values(tmp_path):
     c = default.get_config()
     change(c)
     with pytest.raises(ValueError, match="change what is trained"):
-      checkpoint.write_or_check_config(workdir, c)
+      rundir.write_or_check_config(workdir, c)
 
 
 def test_keys_absent_from_the_stored_config(tmp_path):
@@ -128,13 +128,13 @@ def test_keys_absent_from_the_stored_config(tmp_path):
   stored = default.get_config().to_dict()
   del stored["training"]["eval_every"]  # compatible: accepted, file updated
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  checkpoint.write_or_check_config(workdir, default.get_config())
-  assert checkpoint.read_config(workdir).training.eval_every == 0
+  rundir.write_or_check_config(workdir, default.get_config())
+  assert rundir.read_config(workdir).training.eval_every == 0
 
   del stored["diffusion"]["min_snr_gamma"]  # changes the loss: refused
   (tmp_path / "config.json").write_text(json.dumps(stored))
   with pytest.raises(ValueError, match=r"diffusion\.min_snr_gamma: <absent> in the run, 0\.0 now"):
-    checkpoint.write_or_check_config(workdir, default.get_config())
+    rundir.write_or_check_config(workdir, default.get_config())
 
 
 def test_unwritable_workdir_is_one_clear_error(tmp_path):
@@ -142,21 +142,21 @@ def test_unwritable_workdir_is_one_clear_error(tmp_path):
   regular_file.write_text("not a directory")
   workdir = str(regular_file / "run")  # even root cannot create a directory under a file
   with pytest.raises(ValueError, match="Cannot write the run directory") as e:
-    checkpoint.write_or_check_config(workdir, default.get_config())
+    rundir.write_or_check_config(workdir, default.get_config())
   assert workdir in str(e.value)
   with pytest.raises(ValueError, match="Cannot write the run directory"):
-    checkpoint.write_or_check_config(str(regular_file), default.get_config())
+    rundir.write_or_check_config(str(regular_file), default.get_config())
 
 
 _READ_ONLY_CHECK = """
 import sys
 from configs import default
-from ddpm_jax import checkpoint
+from ddpm_jax import checkpoint, rundir
 try:
-  checkpoint.write_or_check_config(sys.argv[1], default.get_config())
+  rundir.write_or_check_config(sys.argv[1], default.get_config())
 except ValueError as e:
   print(e)
-print(tuple(checkpoint.read_config(sys.argv[1]).model.ch_mult))
+print(tuple(rundir.read_config(sys.argv[1]).model.ch_mult))
 """
 
 
@@ -164,12 +164,12 @@ def test_read_only_workdir_is_one_clear_error(tmp_path):
   """An existing run that can no longer be written: reading still works, writing says why."""
   src = tmp_path / "src"
   src.mkdir()
-  checkpoint.write_or_check_config(str(src), default.get_config())
+  rundir.write_or_check_config(str(src), default.get_config())
   if os.geteuid() != 0:
     os.chmod(src, 0o555)
     try:
       with pytest.raises(ValueError, match=f"Cannot write the run directory {src}"):
-        checkpoint.write_or_check_config(str(src), default.get_config())
+        rundir.write_or_check_config(str(src), default.get_config())
     finally:
       os.chmod(src, 0o755)
     return
@@ -188,7 +188,7 @@ def test_read_only_workdir_is_one_clear_error(tmp_path):
 
 def test_read_config_of_a_directory_without_config_json(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a ddpm_jax run directory") as e:
-    checkpoint.read_config(str(tmp_path))
+    rundir.read_config(str(tmp_path))
   assert str(tmp_path / "config.json") in str(e.value)
 
 
@@ -298,7 +298,7 @@ def test_load_returns_the_first_ema_tree_and_the_config(tmp_path, ema_form):
   workdir = str(tmp_path / "run")
   config = default.get_config()
   config.model.ch_mult = (1, 2)
-  checkpoint.write_or_check_config(workdir, config)
+  rundir.write_or_check_config(workdir, config)
   with checkpoint.Checkpointer(workdir, keep=3) as ckpt:
     for step in (2, 4):
       state = _train_state(step)
@@ -329,7 +329,7 @@ def test_load_error_messages(tmp_path):
                                               "config.json"):
     checkpoint.load(str(tmp_path))
 
-  checkpoint.write_or_check_config(str(tmp_path), default.get_config())
+  rundir.write_or_check_config(str(tmp_path), default.get_config())
   for _ in range(2):  # no checkpoints/ at all, then an empty checkpoints/
     with pytest.raises(FileNotFoundError) as e:
       checkpoint.load(str(tmp_path))

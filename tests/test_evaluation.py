@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpoint, evaluation, generate, sampling, train
+from ddpm_jax import checkpoint, evaluation, generate, rundir, sampling, train
 from tests.test_loop import ROOT, smoke_config
 
 CPU = jax.local_devices()
@@ -182,7 +182,7 @@ def test_sample_bad_input(run):
 
 def test_a_workdir_without_checkpoint_is_one_clear_error(tmp_path):
   workdir = str(tmp_path / "untrained")
-  checkpoint.write_or_check_config(workdir, smoke_config())
+  rundir.write_or_check_config(workdir, smoke_config())
   for call in (lambda: ddpm_jax.load(workdir), lambda: generate.generate(smoke_config(), workdir),
                lambda: evaluation.evaluate(smoke_config(), workdir)):
     with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*train first with `python "
