@@ -28,6 +28,7 @@ import importlib.util
 import os
 import re
 import sys
+from typing import Any, Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,17 +41,28 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
                               "default.py")
 USER_ERROR_STATUS = 2
 
-config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/cifar10.py.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs, samples).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs "
-                    "that are not detected automatically.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.DEFINE_integer("step", None, "--mode=sample/eval: the checkpoint step (default: latest).")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command line's flags, on `fv` (flags.FLAGS here; a fresh FlagValues in tests)."""
+  config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/cifar10.py.",
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs, samples).",
+                      flag_values=fv)
+  flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host "
+                      "runs that are not detected automatically.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.",
+                       flag_values=fv)
+  flags.DEFINE_integer("step", None, "--mode=sample/eval: the checkpoint step (default: "
+                       "latest).", flag_values=fv)
+  flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
 FLAGS = flags.FLAGS
+define_flags(FLAGS)
 
 # Environment variables that mean "this is one process of several" on the clusters jax detects.
 _CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
@@ -121,11 +133,13 @@ def unknown_field_sentence(argv):
   return None
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with every refusal turned into one sentence (a UserError)."""
+def parse_flags(argv, fv: flags.FlagValues = FLAGS):
+  """absl's flag parsing, with every refusal turned into one sentence (a UserError).
+
+  config_flags reads the overrides from sys.argv: argv must be sys.argv (or a copy of it)."""
   argv = with_default_config(list(argv))
   try:
-    return FLAGS(argv)
+    return fv(argv)
   except flags.Error as e:
     sentence = unknown_field_sentence(argv) or " ".join(str(e).split())
     raise UserError(sentence) from e
@@ -136,16 +150,16 @@ def parse_flags(argv):
     raise UserError(sentence) from e
 
 
-def given_config():
+def given_config(fv: flags.FlagValues):
   """The --config of the command line with its overrides, or None if there was no --config."""
-  if FLAGS.config is None or config_flags.get_config_filename(FLAGS["config"]) == DEFAULT_CONFIG:
+  if fv.config is None or config_flags.get_config_filename(fv["config"]) == DEFAULT_CONFIG:
     return None
-  return FLAGS.config
+  return fv.config
 
 
-def overrides():
+def overrides(fv: flags.FlagValues):
   """{dotted field: value} of the --config.* flags given."""
-  return dict(config_flags.get_override_values(FLAGS["config"])) if FLAGS.config else {}
+  return dict(config_flags.get_override_values(fv["config"])) if fv.config else {}
 
 
 # ----------------------------------------------------------------------------- main
@@ -157,14 +171,14 @@ def _is_multiprocess_environment() -> bool:
   return any(int(os.environ.get(k, "1") or 1) > 1 for k in _CLUSTER_HINTS[:2])
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed(fv: flags.FlagValues) -> None:
   """jax.distributed.initialize() for multi-host runs; nothing for a single process."""
   import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
+  if fv.coordinator_address or (fv.num_processes or 1) > 1:
     # CPU-only processes need a collectives backend; GPUs and TPUs ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(coordinator_address=fv.coordinator_address,
+                               num_processes=fv.num_processes, process_id=fv.process_id)
   elif _is_multiprocess_environment():
     jax.distributed.initialize()
 
@@ -173,39 +187,51 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"Unexpected arguments {' '.join(argv[1:])}: every setting is a flag, such "
                     "as --config.training.batch_size=256.")
+  execute(FLAGS)
+
+
+def run_config(fv: flags.FlagValues):
+  """The validated config the command asks for; reads, never writes, the workdir."""
   from ddpm_jax import rundir, settings  # pylint: disable=import-outside-toplevel
-  config = given_config()
-  if FLAGS.mode == "train":
+  config = given_config(fv)
+  if fv.mode == "train":
     if config is None:
       raise UserError("--mode=train needs --config, e.g. --config=configs/cifar10.py.")
   else:
-    config = rundir.config_for_use(FLAGS.workdir, config, overrides())
-  settings.validate(config)  # before anything is written; train_and_evaluate checks devices too
-  maybe_initialize_distributed()
+    config = rundir.config_for_use(fv.workdir, config, overrides(fv))
+  settings.validate(config)  # train_and_evaluate checks the batch against the devices too
+  return config
+
+
+def execute(fv: flags.FlagValues) -> None:
+  """Trains, samples or evaluates as the parsed flags `fv` say."""
+  config = run_config(fv)  # before anything is written
+  maybe_initialize_distributed(fv)
   import jax  # pylint: disable=import-outside-toplevel
   logging.info("Process %d of %d, %d local devices of %d: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  if FLAGS.mode == "train":
+  if fv.mode == "train":
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "sample":
+    train.train_and_evaluate(config, fv.workdir)
+  elif fv.mode == "sample":
     from ddpm_jax import generate  # pylint: disable=import-outside-toplevel
-    directory = generate.generate(config, FLAGS.workdir, step=FLAGS.step)
+    directory = generate.generate(config, fv.workdir, step=fv.step)
     logging.info("Samples written to %s.", directory)
   else:
     from ddpm_jax import evaluation  # pylint: disable=import-outside-toplevel
-    evaluation.evaluate(config, FLAGS.workdir, step=FLAGS.step)
+    evaluation.evaluate(config, fv.workdir, step=fv.step)
 
 
-def run(argv=None) -> None:
-  """app.run(main) where a UserError ends the program with its sentence alone on stderr."""
+def report_user_errors(fn: Callable[[], Any]) -> Any:
+  """fn(), where a UserError ends the program: its sentence alone on stderr, exit status 2.
+  Every other exception is a bug and keeps its traceback."""
   try:
-    app.run(main, argv=argv, flags_parser=parse_flags)
+    return fn()
   except UserError as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(USER_ERROR_STATUS)
 
 
 if __name__ == "__main__":
-  run()
+  report_user_errors(lambda: app.run(main, flags_parser=parse_flags))

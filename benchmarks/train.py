@@ -249,8 +249,8 @@ def section_profile(args, report, budget):
 
 
 def diffusion_schedule(config):
-  from ddpm_jax import sampling  # noqa: E402  (the schedule of config.diffusion)
-  return sampling.schedule_from_config(config)
+  from ddpm_jax import settings  # noqa: E402  (the schedule of config.diffusion)
+  return settings.Settings.from_config(config).diffusion.make_schedule()
 
 
 def section_loop(args, report, _):

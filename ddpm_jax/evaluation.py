@@ -23,7 +23,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -42,13 +41,12 @@ BPD_STREAM = 0xB1D  # folded into the run's seed: the bound's noise differs from
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_bpd(config_json: str, per_device: int, devices: tuple):
+def _compiled_bpd(model_settings: settings.ModelSettings, d: settings.DiffusionSettings,
+                  per_device: int, devices: tuple):
   """bpd(params, x0 [n*b, ...], labels [n*b], keys [n*b]) -> (total, prior, terms [n*b, T])."""
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  model = sampling.UNet(**sampling.model_kwargs(config))
-  sched = sampling.schedule_from_config(config)
-  d = config.diffusion
-  conditional = bool(config.model.num_classes)
+  model = model_settings.make_model()
+  sched = d.make_schedule()
+  conditional = bool(model_settings.num_classes)
 
   def bpd(params, x0, labels, keys):
     model_fn = sampling.guided_model_fn(model, params, labels if conditional else None, 0.0)
@@ -71,7 +69,8 @@ def bits_per_dim_batch(config, params, images, labels, index, *, devices=None) -
   n = len(images)
   per_device = math.ceil(n / len(devices))
   pad = per_device * len(devices) - n
-  run = _compiled_bpd(config.to_json(), per_device, devices)
+  s = settings.Settings.from_config(config)
+  run = _compiled_bpd(s.model, s.diffusion, per_device, devices)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), BPD_STREAM)
   index = np.concatenate([np.asarray(index), np.zeros(pad, np.int64)])
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))

@@ -15,6 +15,7 @@ renamed, so a crash never leaves a partial shard.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -41,29 +42,19 @@ def sample_key(config) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_STREAM)
 
 
-def _settings(config, step: int) -> dict:
-  s = config.sampling
-  settings = dict(step=step, seed=config.seed, sampler=s.sampler, num_steps=s.num_steps,
-                  clip_denoised=bool(s.clip_denoised),
-                  guidance_scale=float(s.get("guidance_scale", 0.0)),
-                  dtype=config.model.dtype)
-  if s.sampler == "ddim":
-    settings["eta"] = float(s.eta)
-  return settings
+def _manifest_settings(config, step: int) -> dict:
+  """What the samples of a directory depend on: step, seed, compute dtype and the chain."""
+  s = settings.Settings.from_config(config)
+  return dict(step=step, seed=s.seed, dtype=s.model.dtype,
+              **dataclasses.asdict(s.sampling.chain))
 
 
 def sample_dir(workdir: str, config, step: int) -> epath.Path:
   """workdir/samples/<step>_<tag>: one directory per checkpoint step and sampler setting."""
-  s = config.sampling
-  tag = f"{s.sampler}{s.num_steps}"
-  if s.sampler == "ddim":
-    tag += f"_eta{float(s.eta):g}"
-  if s.get("guidance_scale", 0.0):
-    tag += f"_cfg{float(s.guidance_scale):g}"
-  if not s.clip_denoised:
-    tag += "_noclip"
-  if config.model.dtype != "float32":
-    tag += f"_{config.model.dtype}"
+  s = settings.Settings.from_config(config)
+  tag = s.sampling.chain.tag()
+  if s.model.dtype != "float32":
+    tag += f"_{s.model.dtype}"
   return epath.Path(workdir) / "samples" / f"{step:08d}_{tag}"
 
 
@@ -90,12 +81,12 @@ def _shard_done(path: epath.Path, indices: np.ndarray, image_shape: tuple) -> bo
           and np.array_equal(shard.get("index"), indices))
 
 
-def _manifest(directory: epath.Path, settings: dict, shard_size: int, primary: bool) -> int:
+def _manifest(directory: epath.Path, wanted: dict, shard_size: int, primary: bool) -> int:
   """The directory's shard size: the stored one on resume (after checking its settings)."""
   path = directory / MANIFEST
   if path.exists():
     stored = json.loads(path.read_text())
-    different = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+    different = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
     if different:
       raise UserError(f"{path} records other sampling settings than asked for ("
                        + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in
@@ -103,7 +94,7 @@ def _manifest(directory: epath.Path, settings: dict, shard_size: int, primary: b
                        + "); move that directory away or sample into a new workdir.")
     return int(stored["shard_size"])
   if primary:
-    rundir.write_atomically(path, json.dumps(dict(settings, shard_size=shard_size),
+    rundir.write_atomically(path, json.dumps(dict(wanted, shard_size=shard_size),
                                              indent=2).encode())
   return shard_size
 
@@ -121,7 +112,6 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
   num_samples = config.sampling.num_samples if num_samples is None else num_samples
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
     raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
-  settings.validate(config)
   sampling.check_settings(config)
   if params is None or step is None:
     step = checkpoint.resolve_step(workdir, step)
@@ -131,7 +121,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
 
   directory = sample_dir(workdir, config, step)
   directory.mkdir(parents=True, exist_ok=True)
-  shard_size = _manifest(directory, _settings(config, step), config.sampling.batch_size,
+  shard_size = _manifest(directory, _manifest_settings(config, step), config.sampling.batch_size,
                          primary=process_index == 0)
   num_shards = math.ceil(num_samples / shard_size)
   mine = list(range(process_index, num_shards, process_count))

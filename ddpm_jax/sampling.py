@@ -9,20 +9,20 @@ the chain draws from fold_in(fold_in(key, 1), i).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ddpm_jax import checkpoint, diffusion, rng, settings
 from ddpm_jax.errors import UserError
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
-from ddpm_jax.schedules import Schedule, make_schedule
+from ddpm_jax.schedules import Schedule
+from ddpm_jax.settings import ChainSettings, DiffusionSettings, ModelSettings
 from ddpm_jax.unet import UNet
 
 SAMPLERS = settings.SAMPLERS
@@ -148,7 +148,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
   diffusion.check_options(mean_type, var_type)
   shape = _check_shape(shape)
   if isinstance(eta, (int, float)) and not eta >= 0:
-    raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
+    raise UserError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
   if num_steps is None and timesteps is None:
     raise ValueError("ddim_sample_loop needs num_steps (an integer in [1, T]) or timesteps.")
   sched_r, model_r = _respaced(sched, model_fn, num_steps, timesteps)
@@ -163,23 +163,6 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
 
 
 # ----------------------------------------------------------------------------- research entry point
-
-
-def schedule_from_config(config) -> Schedule:
-  """The run's Schedule from config.diffusion."""
-  d = config.diffusion
-  return make_schedule(d.beta_schedule, d.num_timesteps, beta_start=d.beta_start,
-                       beta_end=d.beta_end)
-
-
-def model_kwargs(config, dtype: Optional[str] = None) -> dict:
-  """UNet(**model_kwargs(config)): config.model with tuples restored (JSON writes lists)."""
-  kwargs = dict(config.model)
-  for k in ("ch_mult", "attn_resolutions"):
-    kwargs[k] = tuple(kwargs[k])
-  if dtype is not None:
-    kwargs["dtype"] = dtype
-  return kwargs
 
 
 def guided_model_fn(model: UNet, params, labels, guidance_scale: float) -> ModelFn:
@@ -210,27 +193,26 @@ def guided_model_fn(model: UNet, params, labels, guidance_scale: float) -> Model
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float,
-                      guidance_scale: float, dtype: Optional[str], per_device: int,
-                      devices: tuple):
+def _compiled_sampler(model_settings: ModelSettings, diffusion_settings: DiffusionSettings,
+                      image_shape: tuple, c: ChainSettings, per_device: int, devices: tuple):
   """chain(params, keys [n*b], labels [n*b]) -> x_0 [n*b, S, S, C] over the n `devices`.
 
-  One jit-compiled shard_map, cached per (config, sampler settings, devices): every device runs
-  the whole chain (one lax.scan) on its b = per_device samples; no communication between them.
+  One jit-compiled shard_map, cached per (settings, devices): every device runs the whole
+  chain (one lax.scan) on its b = per_device samples; no communication between them.
   """
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  model = UNet(**model_kwargs(config, dtype))
-  sched = schedule_from_config(config)
-  d, s = config.diffusion, config.sampling
-  shape = (per_device, config.data.image_size, config.data.image_size, config.data.num_channels)
-  common = dict(mean_type=d.mean_type, var_type=d.var_type, clip_denoised=s.clip_denoised)
-  conditional = bool(config.model.num_classes)
+  model = model_settings.make_model()
+  sched = diffusion_settings.make_schedule()
+  shape = (per_device,) + tuple(image_shape)
+  common = dict(mean_type=diffusion_settings.mean_type, var_type=diffusion_settings.var_type,
+                clip_denoised=c.clip_denoised)
+  conditional = bool(model_settings.num_classes)
 
   def chain(params, keys, labels):
-    model_fn = guided_model_fn(model, params, labels if conditional else None, guidance_scale)
-    if sampler == "ddim":
-      return ddim_sample_loop(sched, model_fn, shape, keys, num_steps=num_steps, eta=eta, **common)
-    steps = None if num_steps == sched.num_timesteps else num_steps
+    model_fn = guided_model_fn(model, params, labels if conditional else None, c.guidance_scale)
+    if c.sampler == "ddim":
+      return ddim_sample_loop(sched, model_fn, shape, keys, num_steps=c.num_steps, eta=c.eta,
+                              **common)
+    steps = None if c.num_steps == sched.num_timesteps else c.num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
   return map_over_devices(chain, devices, num_batched=2)
@@ -263,13 +245,18 @@ def map_over_devices(fn: Callable, devices: tuple, num_batched: int) -> Callable
   return jax.jit(mapped)
 
 
-def check_params(params, config) -> None:
-  """Raises one ValueError if `params` are not parameters of UNet(**config.model)."""
-  size, channels = config.data.image_size, config.data.num_channels
-  want = jax.eval_shape(lambda: UNet(**model_kwargs(config)).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)),
+@functools.lru_cache(maxsize=16)
+def _param_shapes(model: ModelSettings, image_shape: tuple):
+  """The ShapeDtypeStructs of the model's params (eval_shape of a large UNet takes time)."""
+  return jax.eval_shape(lambda: model.make_model().init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)),
       jnp.zeros((1,), jnp.int32)))["params"]
-  problem = checkpoint.tree_mismatch(params, want)
+
+
+def check_params(params, config) -> None:
+  """Raises one ValueError if `params` are not parameters of the config's model."""
+  s = settings.Settings.from_config(config)
+  problem = checkpoint.tree_mismatch(params, _param_shapes(s.model, s.data.image_shape))
   if problem:
     raise ValueError(f"The params do not fit the config's model ({problem}); pass the config "
                      "that `params, config = ddpm_jax.load(workdir)` returned with them.")
@@ -309,30 +296,33 @@ def sample_labels(config, key, index) -> np.ndarray:
 
 
 def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, eta=None,
-                   guidance_scale=None, dtype=None) -> tuple:
-  """The sampling settings (arguments, else config.sampling), checked: one ValueError naming a
-  bad value and what is accepted. Returns (sampler, num_steps, num_samples, eta,
-  guidance_scale)."""
-  s = config.sampling
-  sampler = s.sampler if sampler is None else sampler
+                   guidance_scale=None, dtype=None
+                   ) -> Tuple[settings.Settings, ChainSettings, int]:
+  """The run's settings (the model's dtype replaced by `dtype` if given), the chain's (the
+  arguments, else config.sampling) and num_samples, checked: one UserError naming a bad value
+  and what is accepted."""
+  s = settings.Settings.from_config(config)
+  c = s.sampling.chain
+  sampler = c.sampler if sampler is None else sampler
   diffusion.check_choice("sampler", sampler, SAMPLERS)
-  T = config.diffusion.num_timesteps
-  num_steps = s.num_steps if num_steps is None else num_steps
+  T = s.diffusion.num_timesteps
+  num_steps = c.num_steps if num_steps is None else num_steps
   _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
-  num_samples = s.num_samples if num_samples is None else num_samples
+  num_samples = s.sampling.num_samples if num_samples is None else num_samples
   _check_int("num_samples", num_samples, 1)
-  eta = float(s.eta if eta is None else eta)
+  eta = float(c.eta if eta is None else eta)
   if not eta >= 0:
     raise UserError(f"eta must be >= 0 (0 is deterministic DDIM, 1 ancestral-like), got {eta}.")
-  guidance_scale = float(s.get("guidance_scale", 0.0) if guidance_scale is None
-                         else guidance_scale)
-  if guidance_scale and not config.model.num_classes:
+  guidance_scale = float(c.guidance_scale if guidance_scale is None else guidance_scale)
+  if guidance_scale and not s.model.num_classes:
     raise UserError(f"guidance_scale={guidance_scale} needs a class-conditional model, but "
-                     "config.model.num_classes is 0; use guidance_scale=0.")
+                    "config.model.num_classes is 0; use guidance_scale=0.")
   if dtype is not None:
-    diffusion.check_choice("dtype", dtype, ("float32", "bfloat16"))
-  _check_int("sampling.batch_size", s.batch_size, 1)
-  return sampler, num_steps, num_samples, eta, guidance_scale
+    diffusion.check_choice("dtype", dtype, settings.DTYPES)
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, dtype=dtype))
+  chain = dataclasses.replace(c, sampler=sampler, num_steps=int(num_steps), eta=eta,
+                              guidance_scale=guidance_scale)
+  return s, chain, int(num_samples)
 
 
 def sample(params, key, *, config=None, num_samples: Optional[int] = None,
@@ -360,19 +350,17 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   if config is None:
     raise ValueError("sample() needs the run's config: pass config=..., as returned with the "
                      "params by `params, config = ddpm_jax.load(workdir)`.")
-  sampler, num_steps, num_samples, eta, guidance_scale = check_settings(
+  s, chain, num_samples = check_settings(
       config, sampler=sampler, num_steps=num_steps, num_samples=num_samples, eta=eta,
       guidance_scale=guidance_scale, dtype=dtype)
   _check_int("first_index", first_index, 0)
-  s, num_classes = config.sampling, config.model.num_classes
+  num_classes = s.model.num_classes
 
   devices = tuple(jax.local_devices() if devices is None else devices)
-  per_device = max(1, min(s.batch_size, num_samples) // len(devices))
+  per_device = max(1, min(s.sampling.batch_size, num_samples) // len(devices))
   per_call = per_device * len(devices)
-  config_json = config.to_json()
-  _checked_params(params, config_json)
-  run = _compiled_sampler(config_json, sampler, num_steps, eta, guidance_scale, dtype,
-                          per_device, devices)
+  check_params(params, config)
+  run = _compiled_sampler(s.model, s.diffusion, s.data.image_shape, chain, per_device, devices)
   params = replicate(params, devices)  # once for all calls below
   batch = batch_sharding(devices)
   index = jnp.arange(first_index, first_index + num_samples)
@@ -388,15 +376,3 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
     images.append(out[:stop - start])
   return jnp.clip(jnp.concatenate([np.asarray(x) for x in images]), -1.0, 1.0)
 
-
-def _checked_params(params, config_json: str) -> None:
-  """check_params once per (config, params structure): eval_shape of a large UNet takes time."""
-  structure = str(jax.tree_util.tree_structure(params)) + str(
-      [np.shape(x) for x in jax.tree_util.tree_leaves(params)])
-  if (config_json, structure) in _checked:
-    return
-  check_params(params, ml_collections.ConfigDict(json.loads(config_json)))
-  _checked.add((config_json, structure))
-
-
-_checked: set = set()

@@ -21,119 +21,20 @@ intervals. A field that a section does not list takes its section's rule.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 from ddpm_jax import diffusion, schedules
+from ddpm_jax.config_fields import SectionReader, changeable, fail, is_int, is_number
 from ddpm_jax.errors import UserError
+from ddpm_jax.unet import UNet
 
 SAMPLERS = ("ancestral", "ddim")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 METRICS = ("bpd", "fid")
 GROUP_NORM_GROUPS = 32  # the U-Net's GroupNorm: every channel count must be a multiple
-
-_CHANGEABLE = {"changeable": True}
-
-
-def _changeable(default: Any = dataclasses.MISSING):
-  """A field of a fixed section that may still change between the runs of one workdir."""
-  return dataclasses.field(default=default, metadata=_CHANGEABLE)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _show(value: Any) -> str:
-  return repr(value) if isinstance(value, str) else str(value)
-
-
-def _fail(path: str, value: Any, accepted: str) -> UserError:
-  return UserError(f"config.{path}={_show(value)}: {accepted}.")
-
-
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-class _Reader:
-  """Reads and checks the fields of one config section; a missing field takes its default."""
-
-  def __init__(self, config: Any, section: Optional[str]):
-    self.prefix = f"{section}." if section else ""
-    node = config if section is None else config.get(section)
-    if node is None or not hasattr(node, "get"):
-      raise UserError(f"config.{section} is missing or not a section; start the config from "
-                      "configs/default.py.")
-    self.node = node
-
-  def raw(self, key: str, default: Any) -> Any:
-    value = self.node.get(key, default)
-    return default if value is None and default is not None else value
-
-  def fail(self, key: str, value: Any, accepted: str) -> UserError:
-    return _fail(self.prefix + key, value, accepted)
-
-  def int(self, key: str, default: int, low: int = 0, high: Optional[int] = None,
-          what: str = "") -> int:
-    v = self.raw(key, default)
-    if not _is_int(v) or v < low or (high is not None and v > high):
-      rng = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-      raise self.fail(key, v, f"{what or 'the value'} must be {rng}")
-    return int(v)
-
-  def float(self, key: str, default: float, low: float = -math.inf, high: float = math.inf, *,
-            low_open: bool = False, high_open: bool = False, what: str = "") -> float:
-    v = self.raw(key, default)
-    ok = _is_number(v) and math.isfinite(v) and (v > low if low_open else v >= low) and (
-        v < high if high_open else v <= high)
-    if not ok:
-      lo = "(" if low_open else "["
-      hi = ")" if high_open else "]"
-      if high == math.inf:
-        rng = f"a finite number {'>' if low_open else '>='} {low:g}"
-      else:
-        rng = f"a number in {lo}{low:g}, {high:g}{hi}"
-      raise self.fail(key, v, f"{what or 'the value'} must be {rng}")
-    return float(v)
-
-  def bool(self, key: str, default: bool) -> bool:
-    v = self.raw(key, default)
-    if not isinstance(v, (bool, np.bool_)):
-      raise self.fail(key, v, "accepted: True or False")
-    return bool(v)
-
-  def choice(self, key: str, default: str, accepted) -> str:
-    v = self.raw(key, default)
-    if v not in accepted:
-      raise self.fail(key, v, f"accepted: {', '.join(map(repr, accepted))}")
-    return v
-
-  def text(self, key: str, default: Optional[str]) -> Optional[str]:
-    """A string, or None where the default is None (an optional path)."""
-    v = self.node.get(key, default)
-    if v is None and default is None:
-      return None
-    if not isinstance(v, str) or not v:
-      raise self.fail(key, v, "a non-empty string is accepted")
-    return v
-
-  def ints(self, key: str, default: Tuple[int, ...], low: int = 0, what: str = "",
-           nonempty: bool = False) -> Tuple[int, ...]:
-    v = self.raw(key, default)
-    if isinstance(v, (list, tuple)) and all(_is_int(x) and x >= low for x in v) and (
-        v or not nonempty):
-      return tuple(int(x) for x in v)
-    raise self.fail(key, tuple(v) if isinstance(v, list) else v,
-                    f"{what or 'the value'} must be a {'non-empty ' if nonempty else ''}tuple of "
-                    f"integers >= {low}")
-
 
 # ----------------------------------------------------------------------------- sections
 
@@ -147,13 +48,18 @@ class DataSettings:
   random_flip: bool
   pad_to_size: bool  # zero-pad smaller fixed-size images to S instead of resizing
   shuffle_buffer_size: int  # encoded records in the shuffle buffer
-  data_dir: Optional[str] = _changeable()  # tfds data_dir; None: tfds' default
+  data_dir: Optional[str] = changeable()  # tfds data_dir; None: tfds' default
 
-  changeable = False
+  section_changeable = False
+
+  @property
+  def image_shape(self) -> Tuple[int, int, int]:
+    """(S, S, C): one image."""
+    return (self.image_size, self.image_size, self.num_channels)
 
   @classmethod
   def read(cls, config) -> "DataSettings":
-    r = _Reader(config, "data")
+    r = SectionReader(config, "data")
     dataset = r.raw("dataset", None)
     if not isinstance(dataset, str) or not dataset:
       raise r.fail("dataset", dataset, "a dataset name is accepted (a tfds name or 'digits')")
@@ -169,7 +75,7 @@ class DataSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-  """config.model: the U-Net's attributes, `UNet(**dataclasses.asdict(model))`."""
+  """config.model: the U-Net's attributes (`make_model`)."""
   ch: int
   ch_mult: Tuple[int, ...]
   num_res_blocks: int
@@ -178,14 +84,19 @@ class ModelSettings:
   resamp_with_conv: bool
   out_channels: int
   num_classes: int
-  dtype: str = _changeable("float32")  # compute dtype only: parameters stay float32
-  remat: bool = _changeable(False)  # recompute activations: the same parameters and results
+  dtype: str = changeable("float32")  # compute dtype only: parameters stay float32
+  remat: bool = changeable(False)  # recompute activations: the same parameters and results
 
-  changeable = False
+  section_changeable = False
+
+  def make_model(self, dtype: Optional[str] = None) -> UNet:
+    """The UNet of these settings (computing in `dtype` if given): the one factory of
+    training, sampling and evaluation."""
+    return UNet(**dict(dataclasses.asdict(self), **({"dtype": dtype} if dtype else {})))
 
   @classmethod
   def read(cls, config, data: DataSettings, var_type: str) -> "ModelSettings":
-    r = _Reader(config, "model")
+    r = SectionReader(config, "model")
     m = cls(ch=r.int("ch", 128, 1, what="the base channel count"),
             ch_mult=r.ints("ch_mult", (1, 2, 2, 2), 1, what="the channel multipliers",
                            nonempty=True),
@@ -204,7 +115,7 @@ class ModelSettings:
                    f"be multiples of {GROUP_NORM_GROUPS} (GroupNorm's groups)")
     factor = 2 ** (len(m.ch_mult) - 1)
     if data.image_size % factor:
-      raise _fail("data.image_size", data.image_size,
+      raise fail("data.image_size", data.image_size,
                   f"the {len(m.ch_mult) - 1} downsamplings of config.model.ch_mult={m.ch_mult} "
                   f"need a multiple of {factor}")
     occurring = tuple(data.image_size // 2 ** i for i in range(len(m.ch_mult)))
@@ -232,11 +143,11 @@ class DiffusionSettings:
   loss_type: str
   min_snr_gamma: float  # > 0: weight L_simple by min(SNR, gamma); 0: no weight
 
-  changeable = False
+  section_changeable = False
 
   @classmethod
   def read(cls, config) -> "DiffusionSettings":
-    r = _Reader(config, "diffusion")
+    r = SectionReader(config, "diffusion")
     d = cls(beta_schedule=r.choice("beta_schedule", "linear", schedules.BETA_SCHEDULES),
             beta_start=r.float("beta_start", 1e-4, 0.0, 1.0, low_open=True, what="beta_start"),
             beta_end=r.float("beta_end", 0.02, 0.0, 1.0, low_open=True, what="beta_end"),
@@ -257,6 +168,10 @@ class DiffusionSettings:
     return schedules.get_beta_schedule(self.beta_schedule, self.num_timesteps,
                                        beta_start=self.beta_start, beta_end=self.beta_end)
 
+  def make_schedule(self) -> schedules.Schedule:
+    """The run's Schedule: the one factory of training, sampling and evaluation."""
+    return schedules.Schedule.from_betas(self.betas())
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimSettings:
@@ -268,11 +183,11 @@ class OptimSettings:
   b2: float
   eps: float
 
-  changeable = False
+  section_changeable = False
 
   @classmethod
   def read(cls, config) -> "OptimSettings":
-    r = _Reader(config, "optim")
+    r = SectionReader(config, "optim")
     return cls(learning_rate=r.float("learning_rate", 2e-4, 0.0, low_open=True,
                                      what="the learning rate"),
                warmup_steps=r.int("warmup_steps", 0, 0, what="the warmup length"),
@@ -288,22 +203,22 @@ class TrainingSettings:
   batch_size: int  # global, over every device of every host
   ema_decays: Tuple[float, ...]  # (ema_decay, *extra_ema_decays): the first is sampled from
   label_dropout: float  # P(null label) for classifier-free guidance
-  num_train_steps: int = _changeable()
-  log_every: int = _changeable()
-  checkpoint_every: int = _changeable()
-  keep_checkpoints: int = _changeable()
-  sample_every: int = _changeable()  # 0: never
-  eval_every: int = _changeable()  # 0: never
+  num_train_steps: int = changeable()
+  log_every: int = changeable()
+  checkpoint_every: int = changeable()
+  keep_checkpoints: int = changeable()
+  sample_every: int = changeable()  # 0: never
+  eval_every: int = changeable()  # 0: never
 
-  changeable = False
+  section_changeable = False
 
   @classmethod
   def read(cls, config, device_count: Optional[int]) -> "TrainingSettings":
-    r = _Reader(config, "training")
+    r = SectionReader(config, "training")
     decay = r.float("ema_decay", 0.9999, 0.0, 1.0, high_open=True, what="an EMA decay")
     extra = r.raw("extra_ema_decays", ())
     if not isinstance(extra, (list, tuple)) or not all(
-        _is_number(x) and 0.0 <= x < 1.0 for x in extra):
+        is_number(x) and 0.0 <= x < 1.0 for x in extra):
       raise r.fail("extra_ema_decays", extra, "every EMA decay must be a float in [0, 1)")
     t = cls(batch_size=r.int("batch_size", 128, 1, what="the global batch size"),
             ema_decays=(decay,) + tuple(float(x) for x in extra),
@@ -324,35 +239,55 @@ class TrainingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-  """config.sampling: how samples are drawn. Changeable."""
+class ChainSettings:
+  """How one reverse chain is drawn: the compiled sampler's cache key, the sample directory's
+  tag and the shards' manifest. A new sampler option is a field here (its check goes in
+  SamplingSettings.read; `tag` says how a sample directory's name shows it) and its use in
+  sampling's chain."""
   sampler: str
   num_steps: int  # in [1, T]; < T respaces the chain
-  eta: float  # DDIM's noise: 0 deterministic, 1 ancestral-like
-  clip_denoised: bool
-  guidance_scale: float  # classifier-free guidance weight w; 0: none
+  eta: float = dataclasses.field(  # DDIM's noise: 0 deterministic, 1 ancestral-like
+      metadata={"tag": lambda v, c: f"_eta{v:g}" if c.sampler == "ddim" else ""})
+  clip_denoised: bool = dataclasses.field(metadata={"tag": lambda v, c: "" if v else "_noclip"})
+  guidance_scale: float = dataclasses.field(  # classifier-free guidance weight w; 0: none
+      metadata={"tag": lambda v, c: f"_cfg{v:g}" if v else ""})
+
+  def tag(self) -> str:
+    """e.g. "ancestral1000", "ddim100_eta0", "ddim50_eta0_cfg2": the options that matter."""
+    out = f"{self.sampler}{self.num_steps}"
+    for f in dataclasses.fields(self)[2:]:
+      value = getattr(self, f.name)
+      out += f.metadata["tag"](value, self) if "tag" in f.metadata else f"_{f.name}{value}"
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """config.sampling: how samples are drawn (`chain`) and how many, in which batches."""
+  chain: ChainSettings
   num_samples: int  # --mode=sample writes this many
   batch_size: int  # per host and compiled call; also the size of the .npz shards
 
-  changeable = True
+  section_changeable = True
 
   @classmethod
   def read(cls, config, diffusion_: DiffusionSettings, model: ModelSettings
            ) -> "SamplingSettings":
-    r = _Reader(config, "sampling")
+    r = SectionReader(config, "sampling")
     T = diffusion_.num_timesteps
-    s = cls(sampler=r.choice("sampler", "ancestral", SAMPLERS),
-            num_steps=r.int("num_steps", T, 1, T, what=f"the number of steps (the run's "
-                            f"num_timesteps is {T})"),
-            eta=r.float("eta", 0.0, 0.0, what="eta"),
-            clip_denoised=r.bool("clip_denoised", True),
-            guidance_scale=r.float("guidance_scale", 0.0, what="the guidance weight"),
-            num_samples=r.int("num_samples", 64, 1, what="the number of samples"),
-            batch_size=r.int("batch_size", 256, 1, what="the sampling batch"))
-    if s.guidance_scale and not model.num_classes:
-      raise r.fail("guidance_scale", s.guidance_scale, "guidance needs a class-conditional "
+    chain = ChainSettings(
+        sampler=r.choice("sampler", "ancestral", SAMPLERS),
+        num_steps=r.int("num_steps", T, 1, T, what=f"the number of steps (the run's "
+                        f"num_timesteps is {T})"),
+        eta=r.float("eta", 0.0, 0.0, what="eta"),
+        clip_denoised=r.bool("clip_denoised", True),
+        guidance_scale=r.float("guidance_scale", 0.0, what="the guidance weight"))
+    if chain.guidance_scale and not model.num_classes:
+      raise r.fail("guidance_scale", chain.guidance_scale, "guidance needs a class-conditional "
                    "model (config.model.num_classes > 0); accepted: 0")
-    return s
+    return cls(chain=chain,
+               num_samples=r.int("num_samples", 64, 1, what="the number of samples"),
+               batch_size=r.int("batch_size", 256, 1, what="the sampling batch"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,11 +305,11 @@ class EvalSettings:
   train_bpd_examples: int
   train_fid_samples: int
 
-  changeable = True
+  section_changeable = True
 
   @classmethod
   def read(cls, config) -> "EvalSettings":
-    r = _Reader(config, "eval")
+    r = SectionReader(config, "eval")
     metrics = r.raw("metrics", METRICS)
     if isinstance(metrics, str):
       metrics = (metrics,)
@@ -421,9 +356,9 @@ class Settings:
   @classmethod
   def from_config(cls, config, *, device_count: Optional[int] = None) -> "Settings":
     """Checks every field of `config`; raises UserError naming the first bad one."""
-    top = _Reader(config, None)
+    top = SectionReader(config, None)
     seed = top.raw("seed", 0)
-    if not _is_int(seed):
+    if not is_int(seed):
       raise top.fail("seed", seed, "an integer is accepted")
     parallel = top.choice("parallel", "pmap", PARALLEL)
     data = DataSettings.read(config)
@@ -447,8 +382,8 @@ def is_changeable(key: str) -> bool:
     return False
   for f in dataclasses.fields(cls):
     if f.name == name.split(".")[0]:
-      return bool(f.metadata.get("changeable", cls.changeable))
-  return cls.changeable
+      return bool(f.metadata.get("changeable", cls.section_changeable))
+  return cls.section_changeable
 
 
 def validate(config, *, device_count: Optional[int] = None) -> Settings:

@@ -28,7 +28,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddpm_jax import checkpoint, data, diffusion, evaluation, rundir, sampling, settings
 from ddpm_jax.errors import UserError
 from ddpm_jax.reporting import Reporter
-from ddpm_jax.unet import UNet
 
 PARALLEL = settings.PARALLEL
 AXIS = "batch"
@@ -85,7 +84,8 @@ def init_params(config, key) -> Any:
 
 def _init_params(config, key):
   x, t = _dummy_inputs(config)
-  return UNet(**config.model).init({"params": key}, x, t, train=False)["params"]
+  model = settings.Settings.from_config(config).model.make_model()
+  return model.init({"params": key}, x, t, train=False)["params"]
 
 
 def create_train_state(config, key) -> TrainState:
@@ -116,8 +116,9 @@ def make_train_step(config) -> Callable:
   key: the run's training key (the same every step; the step number is folded in here).
   Must run under a mapping with axis name "batch" (see `Parallel`).
   """
-  model = UNet(**config.model)
-  sched = sampling.schedule_from_config(config)
+  s = settings.Settings.from_config(config)
+  model = s.model.make_model()
+  sched = s.diffusion.make_schedule()
   tx = make_optimizer(config)
   lr_fn = learning_rate_fn(config)
   decays = ema_decays(config)

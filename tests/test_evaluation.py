@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpoint, evaluation, generate, rundir, sampling, train
+from ddpm_jax import checkpoint, evaluation, generate, rundir, sampling, settings, train
 from tests.test_loop import ROOT, smoke_config
 
 CPU = jax.local_devices()
@@ -36,10 +36,10 @@ def arrays_equal(a, b):
 
 def chain_inputs(params, config, key, n):
   """(model_fn, schedule, per-sample keys fold_in(key, i)) as sample() builds them."""
-  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model = settings.Settings.from_config(config).model.make_model()
   model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
-  return model_fn, sampling.schedule_from_config(config), keys
+  return model_fn, settings.Settings.from_config(config).diffusion.make_schedule(), keys
 
 
 def equals_the_loop(got, want):
@@ -132,7 +132,7 @@ def test_class_conditional_labels_and_guidance():
   params = train.init_params(config, jax.random.PRNGKey(0))
   # Move the label embedding away from zero so labels matter.
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
-  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model = settings.Settings.from_config(config).model.make_model()
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
   t = jnp.array([0, 5, 19])
   y = jnp.array([0, 1, 2])

@@ -1,0 +1,273 @@
+"""The command line: README's commands as typed, every config field overridable, and every bad
+input one sentence on stderr with a non-zero exit, before anything is written.
+
+The README commands run in subprocesses (the real `python main.py`), made cheap by overrides
+that turn every config into the same smoke-sized run (`RUN_OVERRIDES`), so they share one
+workdir; the many bad-input cases run in this process through main's own parser and its
+UserError handling (`main.report_user_errors`).
+"""
+import glob
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from absl import flags
+
+import main
+from configs import smoke
+from ddpm_jax import settings
+from ddpm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+def _leaves(tree, prefix=""):
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _flag_value(value) -> str:
+  return str(tuple(value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+# Every fixed field set to configs/smoke.py's value, whatever the --config: each README command
+# then describes the same small run (and may resume it), on the bundled digits.
+RUN_OVERRIDES = [f"--config.{k}={_flag_value(v)}" for k, v in _leaves(smoke.get_config())
+                 if not settings.is_changeable(k) and v is not None]
+RUN_OVERRIDES += ["--config.training.batch_size=16",  # not smoke.py's 8: problem 8 below
+                  "--config.training.num_train_steps=2", "--config.training.sample_every=0",
+                  "--config.sampling.num_steps=5", "--config.sampling.num_samples=4",
+                  "--config.eval.metrics=bpd", "--config.eval.bpd_num_examples=8"]
+
+
+def readme_commands():
+  """The arguments of every `python main.py ...` in README.md: fenced bash lines (with their
+  backslash continuations) and inline code spans (which may wrap across lines)."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  commands = []
+  fenced = re.findall(r"```bash\n(.*?)```", text, re.S)
+  for block in fenced:
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+      line = line.split(" #")[0].strip()
+      if line.startswith("python main.py"):
+        commands.append(shlex.split(line)[2:])
+  inline = re.sub(r"```.*?```", "", text, flags=re.S)
+  for span in re.findall(r"`([^`]*python main\.py[^`]*)`", inline):
+    span = " ".join(span.split())
+    commands.append(shlex.split(span[span.index("python main.py"):].split('"')[0])[2:])
+  return [c for c in commands if c]  # a bare `python main.py` is prose, not a command
+
+
+def _env():
+  # One CPU device: the smallest programs; the session's compilation cache (conftest) is shared.
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+@pytest.fixture(scope="module")
+def readme_runs(tmp_path_factory, weights_file):
+  """Runs README's commands in order, all in one workdir: [(args, returncode, stderr)]."""
+  workdir = str(tmp_path_factory.mktemp("readme_run"))
+  results = []
+  seen = set()
+  for args in readme_commands():
+    args = [f"--workdir={workdir}" if a.startswith("--workdir=") else
+            f"--config.eval.inception_weights={weights_file}"
+            if a.startswith("--config.eval.inception_weights=") else a for a in args]
+    if tuple(args) in seen:  # e.g. the TPU command is the CIFAR-10 one once its workdir is ours
+      continue
+    seen.add(tuple(args))
+    proc = subprocess.run([sys.executable, "main.py", *args, *RUN_OVERRIDES], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    results.append((args, proc.returncode, proc.stderr))
+  return workdir, results
+
+
+def test_every_readme_command_runs_as_typed(readme_runs):
+  _, results = readme_runs
+  modes = {next((a for a in args if a.startswith("--mode=")), "--mode=train") for args, _, _ in
+           results}
+  assert modes == {"--mode=train", "--mode=sample", "--mode=eval"}
+  assert len(results) >= 6
+  for args, returncode, stderr in results:
+    assert returncode == 0 and "Traceback" not in stderr, (args, stderr[-3000:])
+
+
+# ----------------------------------------------------------------------------- in-process parsing
+
+
+def parse(monkeypatch, *args):
+  """main's flags parsed from `python main.py *args` on a fresh FlagValues."""
+  argv = ["main.py", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  main.parse_flags(argv, fv)
+  return fv
+
+
+def refused(monkeypatch, capsys, *args) -> str:
+  """The one line that main prints for `python main.py *args`, which must exit with status 2."""
+  def command():
+    main.execute(parse(monkeypatch, *args))
+  with pytest.raises(SystemExit) as e:
+    main.report_user_errors(command)
+  assert e.value.code == main.USER_ERROR_STATUS
+  err = capsys.readouterr().err
+  lines = err.splitlines()
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_leaf_of_every_config_can_be_overridden(monkeypatch, name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  want = {}
+  for key, value in _leaves(config):
+    if value is None:  # an optional path (placeholder)
+      want[key] = "/some/path"
+    elif isinstance(value, bool):
+      want[key] = not value
+    elif isinstance(value, int):
+      want[key] = value + 1
+    elif isinstance(value, float):
+      want[key] = value / 2 + 0.25
+    elif isinstance(value, tuple):
+      want[key] = tuple(value) + tuple(value[:1])
+    else:
+      want[key] = value + "_x"
+  fv = parse(monkeypatch, f"--config=configs/{name}.py", "--workdir=/unused",
+             *[f"--config.{k}={_flag_value(v)}" for k, v in want.items()])
+  got = dict(_leaves(fv.config))
+  assert got == want
+
+
+def test_unknown_field_names_the_closest_fields(monkeypatch, capsys, tmp_path):
+  line = refused(monkeypatch, capsys, "--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+                 "--config.training.bogus=3")
+  assert line.startswith("--config.training.bogus: ") and "training.log_every" in line
+  line = refused(monkeypatch, capsys, "--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+                 "--config.training.ema_decy=0.9")
+  assert "closest are training.ema_decay" in line
+  line = refused(monkeypatch, capsys, "--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+                 "--config.training.batch_size=abc")
+  assert "--config.training.batch_size=abc" in line
+  assert not os.path.exists(tmp_path / "w")
+
+
+BAD_VALUES = [  # (config, override, the field the sentence must name)
+    ("smoke", "training.ema_decay=1.5", "config.training.ema_decay=1.5"),
+    ("smoke", "data.image_size=7", "config.data.image_size=7"),
+    ("cifar10", "data.image_size=30", "config.data.image_size=30"),
+    ("smoke", "diffusion.num_timesteps=0", "config.diffusion.num_timesteps=0"),
+    ("smoke", "diffusion.beta_end=2.0", "config.diffusion.beta_end=2.0"),
+    ("smoke", "diffusion.beta_schedule=bogus", "config.diffusion.beta_schedule='bogus'"),
+    ("smoke", "diffusion.mean_type=bogus", "config.diffusion.mean_type='bogus'"),
+    ("smoke", "diffusion.var_type=bogus", "config.diffusion.var_type='bogus'"),
+    ("smoke", "diffusion.loss_type=bogus", "config.diffusion.loss_type='bogus'"),
+    ("smoke", "optim.learning_rate=-1.0", "config.optim.learning_rate=-1.0"),
+    ("smoke", "training.num_train_steps=-1", "config.training.num_train_steps=-1"),
+    ("smoke", "training.batch_size=12", "config.training.batch_size=12"),  # 8 devices
+    ("smoke", "sampling.sampler=bogus", "config.sampling.sampler='bogus'"),
+    ("smoke", "sampling.num_steps=21", "config.sampling.num_steps=21"),
+    ("smoke", "model.dtype=float16", "config.model.dtype='float16'"),
+    ("smoke", "parallel=bogus", "config.parallel='bogus'"),
+    ("smoke", "eval.metrics=('bogus',)", "config.eval.metrics=('bogus',)"),
+    ("smoke", "model.out_channels=3", "config.model.out_channels=3"),
+]
+
+
+def test_bad_values_are_one_sentence_and_write_nothing(monkeypatch, capsys, tmp_path):
+  for name, override, field in BAD_VALUES:
+    workdir = tmp_path / override.split("=")[0]
+    line = refused(monkeypatch, capsys, f"--config=configs/{name}.py", f"--workdir={workdir}",
+                   f"--config.{override}")
+    assert line.startswith(field + ": "), (override, line)
+    assert not workdir.exists(), override  # nothing written: a corrected rerun starts afresh
+
+
+def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, monkeypatch, capsys, tmp_path,
+                                                      weights_file):
+  workdir, _ = readme_runs
+  before = {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)}
+  config_json = open(os.path.join(workdir, "config.json")).read()
+  run = ["--config=configs/smoke.py", f"--workdir={workdir}", *RUN_OVERRIDES]
+  line = refused(monkeypatch, capsys, *run, "--config.training.ema_decay=1.5")
+  assert line.startswith("config.training.ema_decay=1.5: ")
+  line = refused(monkeypatch, capsys, *run, "--config.optim.learning_rate=0.5")
+  assert "optim.learning_rate: 0.001 in the run, 0.5 now" in line
+  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample",
+                 "--config.sampling.sampler=bogus")
+  assert line.startswith("config.sampling.sampler='bogus': ")
+  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample", "--step=7")
+  assert line == f"No checkpoint of step 7 in {workdir}/checkpoints; available steps: 2."
+  line = refused(monkeypatch, capsys, f"--workdir={tmp_path}/none", "--mode=sample")
+  assert "is not a ddpm_jax run directory" in line
+  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=eval",
+                 "--config.eval.metrics=('fid',)")
+  assert "config.eval.inception_weights is not set" in line
+  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample",
+                 "--config.model.ch=64")
+  assert "model.ch: 32 in the run, 64 now" in line
+  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample",
+                 "--config=configs/digits.py")  # a config file of another model
+  assert "model.num_res_blocks: 1 in the run, 2 now" in line
+  line = refused(monkeypatch, capsys, "--workdir=/unused", "--mode=train")
+  assert line.startswith("--mode=train needs --config")
+  assert open(os.path.join(workdir, "config.json")).read() == config_json
+  assert {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)} == before
+
+
+def test_sample_mode_starts_from_the_runs_config(readme_runs, monkeypatch):
+  """Problem 8: the run was trained with training.batch_size=16, configs/smoke.py says 8: the
+  file's training fields are the run's business, only sampling/eval fields apply."""
+  workdir, _ = readme_runs
+  for args in (["--config=configs/smoke.py"], []):
+    fv = parse(monkeypatch, *args, f"--workdir={workdir}", "--mode=sample",
+               "--config.sampling.sampler=ddim", "--config.data.data_dir=/data/tfds")
+    config = main.run_config(fv)
+    assert config.sampling.sampler == "ddim" and config.training.batch_size == 16
+    assert config.data.data_dir == "/data/tfds"  # where the data live may change
+    assert config.sampling.num_steps == (20 if args else 5)  # the file's, else the run's
+    settings.Settings.from_config(config)
+
+
+def test_user_errors_lose_their_traceback_and_bugs_keep_theirs(capsys):
+  def mistake():
+    raise UserError("config.x=1: no.")
+  with pytest.raises(SystemExit) as e:
+    main.report_user_errors(mistake)
+  assert e.value.code == 2 and capsys.readouterr().err == "config.x=1: no.\n"
+  with pytest.raises(KeyError):
+    main.report_user_errors(lambda: {}["bug"])
+
+
+def test_is_changeable_follows_the_sections():
+  fixed = ["seed", "model.ch", "diffusion.beta_end", "data.dataset", "data.image_size",
+           "optim.learning_rate", "training.batch_size", "training.ema_decay",
+           "training.extra_ema_decays", "model.a_new_field"]
+  changeable = ["parallel", "sampling.sampler", "sampling.a_new_field", "eval.metrics",
+                "model.dtype", "model.remat", "data.data_dir", "training.num_train_steps",
+                "training.log_every", "training.eval_every"]
+  assert not any(settings.is_changeable(k) for k in fixed)
+  assert all(settings.is_changeable(k) for k in changeable)
+
+
+def test_every_config_file_validates_and_reads_back_from_json_alike():
+  for name in CONFIGS:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    stored = ml_collections.ConfigDict(json.loads(config.to_json()))  # tuples become lists
+    s = settings.Settings.from_config(config, device_count=8)
+    assert settings.Settings.from_config(stored, device_count=8) == s
+    assert s.model.ch_mult == tuple(config.model.ch_mult)
