@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_train_steps = 800_000
   training.ema_decay = 0.9999  # the EMA that sampling and evaluation use
   training.extra_ema_decays = ()  # more EMAs to keep, e.g. (0.999,)
+  # EMA warm-up (diffusers' EMAModel): update k uses min(decay, (1 + k) / (10 + k)), 0 at k = 0,
+  # so short runs sample from recent weights; off keeps the paper's fixed decay.
+  training.ema_warmup = False
   training.label_dropout = 0.1  # class-conditional models: P(null label), for guidance
   training.log_every = 100
   training.checkpoint_every = 10_000

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-BETA_SCHEDULES = ("linear", "quad", "cosine", "sigmoid", "const", "jsd", "warmup10", "warmup50")
+BETA_SCHEDULES = ("linear", "quad", "cosine", "sigmoid", "const", "jsd", "warmup10", "warmup50",
+                  "chen_sigmoid")
 
 
 def _check_num_timesteps(num_timesteps) -> int:
@@ -33,6 +34,18 @@ def _cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999)
   ], dtype=np.float64)
 
 
+def _chen_sigmoid_betas(num_timesteps: int, start: float = -3.0, end: float = 3.0,
+                        tau: float = 1.0, max_beta: float = 0.999) -> np.ndarray:
+  """Chen (2023), "On the importance of noise scheduling", sigmoid schedule (as
+  denoising-diffusion-pytorch's default): alpha_bar(u) = (sigmoid(end / tau) -
+  sigmoid((start + u (end - start)) / tau)) / (sigmoid(end / tau) - sigmoid(start / tau)) on
+  u = t / T, which falls from 1 to 0; betas capped at max_beta (the last is 1 uncapped)."""
+  sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+  u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+  ac = (sig(end / tau) - sig((start + u * (end - start)) / tau)) / (sig(end / tau) - sig(start / tau))
+  return np.minimum(1.0 - ac[1:] / ac[:-1], max_beta)
+
+
 def _warmup_betas(beta_start, beta_end, num_timesteps, warmup_frac) -> np.ndarray:
   betas = beta_end * np.ones(num_timesteps, dtype=np.float64)
   warmup_time = int(num_timesteps * warmup_frac)
@@ -45,7 +58,9 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
   """The betas of a named schedule, float64 [num_timesteps], index 0 = the paper's t = 1.
 
   linear, quad, sigmoid, const, jsd, warmup10 and warmup50 are those of the original DDPM code;
-  cosine is Nichol & Dhariwal's (s = 0.008, betas capped at 0.999) and ignores beta_start/end.
+  cosine is Nichol & Dhariwal's (s = 0.008, betas capped at 0.999) and chen_sigmoid is Chen
+  (2023)'s sigmoid schedule (start -3, end 3, tau 1; see _chen_sigmoid_betas); both ignore
+  beta_start/end.
   """
   num_timesteps = _check_num_timesteps(num_timesteps)
   if name == "linear":
@@ -57,6 +72,8 @@ def get_beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4
   elif name == "sigmoid":
     x = np.linspace(-6, 6, num_timesteps, dtype=np.float64)
     betas = (1 / (1 + np.exp(-x))) * (beta_end - beta_start) + beta_start
+  elif name == "chen_sigmoid":
+    betas = _chen_sigmoid_betas(num_timesteps)
   elif name == "const":
     betas = beta_end * np.ones(num_timesteps, dtype=np.float64)
   elif name == "jsd":  # 1/T, 1/(T-1), ..., 1

@@ -104,9 +104,24 @@ def create_train_state(config, key) -> TrainState:
   return jax.jit(build)(key)
 
 
-def ema_update(ema, params, decay: float):
-  """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+def ema_update(ema, params, decay):
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf (decay: a float or a traced [])."""
   return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def ema_decay_at(decay: float, step, warmup: bool):
+  """The decay of the update that follows `step` earlier updates (int32 [] or an int).
+
+  Without warm-up it is `decay`. With it (training.ema_warmup), as diffusers' EMAModel (its
+  default, non-power form): 0 for the first update (the EMA becomes the updated parameters),
+  then min(decay, (1 + step) / (10 + step)), so the average covers about the last 10% of the
+  steps until that reaches `decay`. One decay then suits short and long runs: with a fixed 0.9999
+  a 2,000-step run would sample from weights still 80% at their initialisation.
+  """
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.where(step == 0, 0.0, jnp.minimum(decay, (1.0 + step) / (10.0 + step)))
 
 
 def make_train_step(config) -> Callable:
@@ -122,6 +137,7 @@ def make_train_step(config) -> Callable:
   tx = make_optimizer(config)
   lr_fn = learning_rate_fn(config)
   decays = ema_decays(config)
+  ema_warmup = bool(config.training.get("ema_warmup", False))
   d = config.diffusion
   diffusion.check_options(d.mean_type, d.var_type, d.loss_type)
   loss_weight = (diffusion.min_snr_loss_weight(sched, d.min_snr_gamma, d.mean_type)
@@ -164,7 +180,8 @@ def make_train_step(config) -> Callable:
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = tuple(ema_update(e, params, decay) for e, decay in zip(state.ema_params, decays))
+    ema = tuple(ema_update(e, params, ema_decay_at(decay, state.step, ema_warmup))
+                for e, decay in zip(state.ema_params, decays))
 
     # A non-finite loss or gradient leaves the state as it was and is counted; the loop stops.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -24,6 +24,10 @@ def expected_betas(name, T, b0=B0, b1=B1):
     return np.minimum(1 - f(i + 1) / f(i), 0.999)
   if name == "sigmoid":
     return b0 + (b1 - b0) / (1 + np.exp(-(-6 + 12 * i / (T - 1))))
+  if name == "chen_sigmoid":  # Chen (2023) Algorithm 1's sigmoid gamma(u), start -3, end 3, tau 1
+    g = lambda u: 1 / (1 + np.exp(-(-3 + 6 * u)))
+    abar = lambda u: (g(1.0) - g(u)) / (g(1.0) - g(0.0))
+    return np.minimum(1 - abar((i + 1) / T) / abar(i / T), 0.999)
   if name == "const":
     return np.full(T, b1)
   if name == "jsd":  # 1/T, 1/(T-1), ..., 1

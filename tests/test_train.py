@@ -83,6 +83,27 @@ def test_ema_after_steps_follows_params():
     assert_trees_close(ema1, want, rtol=1e-6, atol=1e-7)
 
 
+def test_ema_warmup_follows_diffusers_recurrence_in_float64():
+  """Three steps with training.ema_warmup against diffusers' EMAModel decays replayed in float64:
+  update k (0-based) uses 0 at k = 0, then min(decay, (1 + k) / (10 + k))."""
+  config = smoke_config(**{"training.ema_decay": 0.2, "training.extra_ema_decays": (0.99,),
+                           "training.ema_warmup": True, "optim.warmup_steps": 0})
+  par = train.Parallel(config, train.make_train_step(config), devices=jax.devices()[:1])
+  state = par.put_state(train.create_train_state(config, jax.random.PRNGKey(0)))
+  batch = par.put_batch(global_batch(config))
+  want = [[np.asarray(x, np.float64) for x in leaves_of(e)] for e in par.get(state).ema_params]
+  for k in range(3):
+    state, _ = par.step(state, batch, jax.random.PRNGKey(1))
+    params = [np.asarray(x, np.float64) for x in leaves_of(par.get(state).params)]
+    for i, decay in enumerate((0.2, 0.99)):
+      d = 0.0 if k == 0 else min(decay, (1.0 + k) / (10.0 + k))  # 0, 2/11, 3/12 (0.2 caps)
+      want[i] = [d * e + (1 - d) * p for e, p in zip(want[i], params)]
+  for got, ref in zip(par.get(state).ema_params, want):
+    for g, r in zip(leaves_of(got), ref):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  assert float(train.ema_decay_at(0.99, 5, False)) == 0.99  # off: the fixed decay
+
+
 def test_warmup_schedule_values():
   config = smoke_config(**{"optim.learning_rate": 2e-4, "optim.warmup_steps": 5000})
   lr = train.learning_rate_fn(config)
