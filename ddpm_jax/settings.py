@@ -233,7 +233,7 @@ class TrainingSettings:
             eval_every=r.int("eval_every", 0, 0, what="the evaluation interval (0: never)"))
     if device_count and t.batch_size % device_count:
       raise r.fail("batch_size", t.batch_size,
-                   f"the global batch must divide over the {device_count} devices; use a "
+                   f"the global batch does not divide over the {device_count} devices; use a "
                    f"multiple of {device_count}")
     return t
 
