@@ -281,6 +281,8 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     try:
       variables = load_inception(config)
     except FileNotFoundError as e:
+      if "bpd" not in metrics:
+        raise
       missing_weights = e
       logging.warning("%s Computing bits/dim only.", e)
   results = {}

@@ -116,8 +116,8 @@ class ModelSettings:
     factor = 2 ** (len(m.ch_mult) - 1)
     if data.image_size % factor:
       raise fail("data.image_size", data.image_size,
-                  f"the {len(m.ch_mult) - 1} downsamplings of config.model.ch_mult={m.ch_mult} "
-                  f"need a multiple of {factor}")
+                  f"config.model.ch_mult={m.ch_mult} downsamples by {factor}, so the image "
+                  f"size must be a multiple of {factor}")
     occurring = tuple(data.image_size // 2 ** i for i in range(len(m.ch_mult)))
     for res in m.attn_resolutions:
       if res not in occurring:

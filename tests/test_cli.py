@@ -274,3 +274,15 @@ def test_every_config_file_validates_and_reads_back_from_json_alike():
     s = settings.Settings.from_config(config, device_count=8)
     assert settings.Settings.from_config(stored, device_count=8) == s
     assert s.model.ch_mult == tuple(config.model.ch_mult)
+
+
+def test_an_unchecked_config_json_is_named_not_restored(tmp_path):
+  """A config.json with a value that was never checked (written before validation existed) is
+  not what a corrected command must restore: the sentence says to move it away."""
+  from ddpm_jax import rundir
+  bad = smoke.get_config()
+  bad.training.ema_decay = 1.5
+  (tmp_path / "config.json").write_text(bad.to_json())
+  with pytest.raises(UserError, match=r"config.json holds a config that cannot train \(config"
+                                      r"\.training\.ema_decay=1\.5: .*move it away"):
+    rundir.write_or_check_config(str(tmp_path), smoke.get_config())
