@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, rundir, sampling, settings
+from ddpm_jax import checkpoint, placement, rundir, sampling, settings
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress, save_png
 
@@ -135,7 +135,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
                num_samples, directory, total, done)
   progress = Progress(f"sampling {directory.name}", total, start=done)
   key = sample_key(config)
-  params = sampling.replicate(params)  # on the devices once, not once per shard
+  params = placement.replicate(params)  # on the devices once, not once per shard
   for k in todo:
     index = indices(k)
     images = sampling.sample(params, key, config=config, num_samples=len(index),

@@ -167,6 +167,12 @@ def _changed_fields(workdir: str, old: Dict[str, Any], new: Dict[str, Any]) -> L
                    if not _same(old.get(k, _ABSENT), new.get(k, _ABSENT)))
   refused = [k for k in changed if not settings.is_changeable(k)]
   if refused:
+    try:  # a run directory of an older version may hold values that were never checked
+      settings.validate(ml_collections.ConfigDict(_tuples(_read_tree(workdir))))
+    except UserError as e:
+      raise UserError(f"{epath.Path(workdir) / CONFIG_FILE} holds a config that cannot train "
+                      f"({str(e).rstrip('.')}); move it away to start the run afresh in "
+                      f"{workdir}, or pass a new --workdir.") from e
     listing = "; ".join(f"{k}: {_show(old.get(k, _ABSENT))} in the run, "
                         f"{_show(new.get(k, _ABSENT))} now" for k in refused)
     first = old.get(refused[0], _ABSENT)

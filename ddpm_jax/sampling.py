@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpoint, diffusion, rng, settings
+from ddpm_jax import checkpoint, diffusion, placement, rng, settings
 from ddpm_jax.errors import UserError
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
@@ -215,34 +215,7 @@ def _compiled_sampler(model_settings: ModelSettings, diffusion_settings: Diffusi
     steps = None if c.num_steps == sched.num_timesteps else c.num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
-  return map_over_devices(chain, devices, num_batched=2)
-
-
-def _mesh(devices) -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(np.array(devices), ("batch",))
-
-
-def batch_sharding(devices) -> jax.sharding.NamedSharding:
-  """Arrays split along their leading axis over `devices`."""
-  return jax.sharding.NamedSharding(_mesh(devices), jax.sharding.PartitionSpec("batch"))
-
-
-def replicate(tree, devices=None):
-  """`tree` copied onto every one of `devices` (default: the local ones); a no-op for a tree
-  placed so already, so callers in a loop can place params once beforehand."""
-  devices = tuple(jax.local_devices() if devices is None else devices)
-  return jax.device_put(tree, jax.sharding.NamedSharding(_mesh(devices),
-                                                         jax.sharding.PartitionSpec()))
-
-
-def map_over_devices(fn: Callable, devices: tuple, num_batched: int) -> Callable:
-  """jit(shard_map(fn)): fn(params, *batched) runs on every device with the params replicated
-  and each of the `num_batched` arrays (and the outputs) split along the leading axis; no
-  communication between devices."""
-  P = jax.sharding.PartitionSpec
-  mapped = jax.shard_map(fn, mesh=_mesh(devices), in_specs=(P(),) + (P("batch"),) * num_batched,
-                         out_specs=P("batch"), check_vma=False)
-  return jax.jit(mapped)
+  return placement.map_over_devices(chain, devices, num_batched=2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -361,8 +334,8 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   per_call = per_device * len(devices)
   check_params(params, config)
   run = _compiled_sampler(s.model, s.diffusion, s.data.image_shape, chain, per_device, devices)
-  params = replicate(params, devices)  # once for all calls below
-  batch = batch_sharding(devices)
+  params = placement.replicate(params, devices)  # once for all calls below
+  batch = placement.batch_sharding(devices)
   index = jnp.arange(first_index, first_index + num_samples)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
   all_labels = _labels(labels, keys, num_samples, num_classes)

@@ -116,8 +116,8 @@ class ModelSettings:
     factor = 2 ** (len(m.ch_mult) - 1)
     if data.image_size % factor:
       raise fail("data.image_size", data.image_size,
-                  f"the {len(m.ch_mult) - 1} downsamplings of config.model.ch_mult={m.ch_mult} "
-                  f"need a multiple of {factor}")
+                  f"config.model.ch_mult={m.ch_mult} downsamples by {factor}, so the image "
+                  f"size must be a multiple of {factor}")
     occurring = tuple(data.image_size // 2 ** i for i in range(len(m.ch_mult)))
     for res in m.attn_resolutions:
       if res not in occurring:
@@ -233,7 +233,7 @@ class TrainingSettings:
             eval_every=r.int("eval_every", 0, 0, what="the evaluation interval (0: never)"))
     if device_count and t.batch_size % device_count:
       raise r.fail("batch_size", t.batch_size,
-                   f"the global batch must divide over the {device_count} devices; use a "
+                   f"the global batch does not divide over the {device_count} devices; use a "
                    f"multiple of {device_count}")
     return t
 

@@ -23,14 +23,14 @@ import optax
 from absl import logging
 from flax import struct
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint, data, diffusion, evaluation, rundir, sampling, settings
+from ddpm_jax import placement
 from ddpm_jax.errors import UserError
 from ddpm_jax.reporting import Reporter
 
 PARALLEL = settings.PARALLEL
-AXIS = "batch"
+AXIS = placement.AXIS
 
 
 @struct.dataclass
@@ -208,65 +208,15 @@ def make_train_step(config) -> Callable:
 
 
 class Parallel:
-  """Where state and batches live for one mapping of the step, and the mapped step itself.
-
-  pmap: state replicated with a leading device axis; a host batch [B_host, ...] is split into
-  [local devices, B_host / local devices, ...]. shard_map: state is one replicated global array
-  on a 1-D mesh of all devices; the batch is a global array sharded along its first axis.
-  """
+  """The train step mapped over devices as config.parallel says, and where its state and
+  batches live: `step(state, batch, key)`, `put_state`, `put_batch`, `get` (see placement.py)."""
 
   def __init__(self, config, step_fn: Callable, devices=None):
     """devices: all devices by default; a subset (single process only) e.g. for tests."""
-    if config.parallel not in PARALLEL:
-      raise ValueError(f"Unknown parallel mapping {config.parallel!r}; accepted: "
-                       f"{', '.join(PARALLEL)}.")
-    self.kind = config.parallel
-    devices = list(jax.devices() if devices is None else devices)
-    self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
-    if self.kind == "pmap":
-      self.step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
-                           devices=devices if len(devices) < jax.device_count() else None)
-      # pmap's inputs: a leading axis over this host's devices, one slice per device.
-      self.local_sharding = NamedSharding(Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
-    else:
-      self.mesh = Mesh(np.array(devices), (AXIS,))
-      # check_vma=False: per-device code as under pmap. (With it on, the gradient of the
-      # replicated parameters would arrive already summed over devices, before our pmean.)
-      mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(AXIS), P()),
-                             out_specs=(P(), P()), check_vma=False)
-      self.step = jax.jit(mapped, donate_argnums=(0,))
-
-  def put_state(self, state):
-    """A host state onto the devices. Every leaf gets its own buffer (EMA trees start as the
-    parameters themselves, and donated buffers must not be shared)."""
-    if self.kind == "pmap":
-      n = len(self.local_devices)
-      stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n),
-                                       jax.device_get(state))
-      return jax.device_put(stacked, self.local_sharding)
-    own = jax.tree_util.tree_map(np.array, jax.device_get(state))
-    return jax.device_put(own, NamedSharding(self.mesh, P()))
-
-  def put_batch(self, batch):
-    """A host's batch (NumPy, leading axis B_host) onto the devices."""
-    if self.kind == "pmap":
-      n = len(self.local_devices)
-      return jax.device_put(
-          jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch),
-          self.local_sharding)
-    sharding = NamedSharding(self.mesh, P(AXIS))
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-  def get(self, tree):
-    """Replicated device values (state or metrics) as host NumPy, one copy.
-
-    Read from this host's first device buffer: no computation, so no host waits on another.
-    """
-    def first(x):
-      data = np.asarray(x.addressable_shards[0].data)
-      return data[0] if self.kind == "pmap" else data  # pmap: the shard keeps its device axis
-    return jax.tree_util.tree_map(first, tree)
+    where = placement.data_parallel(config.parallel, devices)
+    self.kind, self.local_devices = where.kind, where.local_devices
+    self.step = where.map_step(step_fn)
+    self.put_state, self.put_batch, self.get = where.put_state, where.put_batch, where.get
 
 
 def check_batch_size(config) -> int:

@@ -200,7 +200,10 @@ def test_bad_values_are_one_sentence_and_write_nothing(monkeypatch, capsys, tmp_
 def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, monkeypatch, capsys, tmp_path,
                                                       weights_file):
   workdir, _ = readme_runs
-  before = {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)}
+  def files():
+    return {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)
+            if os.path.isfile(p)}
+  before = files()
   config_json = open(os.path.join(workdir, "config.json")).read()
   run = ["--config=configs/smoke.py", f"--workdir={workdir}", *RUN_OVERRIDES]
   line = refused(monkeypatch, capsys, *run, "--config.training.ema_decay=1.5")
@@ -226,7 +229,7 @@ def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, monkeypatch, c
   line = refused(monkeypatch, capsys, "--workdir=/unused", "--mode=train")
   assert line.startswith("--mode=train needs --config")
   assert open(os.path.join(workdir, "config.json")).read() == config_json
-  assert {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)} == before
+  assert files() == before
 
 
 def test_sample_mode_starts_from_the_runs_config(readme_runs, monkeypatch):
@@ -271,3 +274,15 @@ def test_every_config_file_validates_and_reads_back_from_json_alike():
     s = settings.Settings.from_config(config, device_count=8)
     assert settings.Settings.from_config(stored, device_count=8) == s
     assert s.model.ch_mult == tuple(config.model.ch_mult)
+
+
+def test_an_unchecked_config_json_is_named_not_restored(tmp_path):
+  """A config.json with a value that was never checked (written before validation existed) is
+  not what a corrected command must restore: the sentence says to move it away."""
+  from ddpm_jax import rundir
+  bad = smoke.get_config()
+  bad.training.ema_decay = 1.5
+  (tmp_path / "config.json").write_text(bad.to_json())
+  with pytest.raises(UserError, match=r"config.json holds a config that cannot train \(config"
+                                      r"\.training\.ema_decay=1\.5: .*move it away"):
+    rundir.write_or_check_config(str(tmp_path), smoke.get_config())
