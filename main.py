@@ -14,6 +14,7 @@ every host: Cloud TPU pods and SLURM/Open MPI jobs are detected; elsewhere pass
 --coordinator_address, --num_processes and --process_id.
 """
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -64,7 +65,10 @@ def main(argv):
     if config is None:
       raise app.UsageError("Training needs --config, e.g. --config=configs/cifar10.py.")
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(config, FLAGS.workdir)
+    try:
+      train.train_and_evaluate(config, FLAGS.workdir)
+    except train.Interrupted as e:  # saved and logged; 143 after SIGTERM, 130 after Ctrl-C
+      sys.exit(e.exit_status)
     return
   from ddpm_jax import checkpoint  # pylint: disable=import-outside-toplevel
   if config is None:
