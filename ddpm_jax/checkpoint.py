@@ -333,8 +333,9 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: Optional[int], read_only: bool = False,
                process_local: bool = False):
     """keep: the number of checkpoints kept (None: all). read_only: never create, delete or
-    write anything, except moving a damaged checkpoint aside. process_local: this process alone uses the Checkpointer (no barriers with
-    the other processes of a multi-process job; only for reading)."""
+    write anything, except moving a damaged checkpoint aside. process_local: this process alone
+    uses the Checkpointer (no barriers with the other processes of a multi-process job; only
+    for reading)."""
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
       raise ValueError(f"keep={keep!r}: the number of checkpoints to keep must be an int >= 1 "
                        "(training.keep_checkpoints).")

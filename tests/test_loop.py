@@ -1,4 +1,4 @@
-"""The training loop end to end: main.py, checkpoints, resume after SIGKILL, several hosts, bad input."""
+"""The training loop end to end: main.py, checkpoints, signals, resume, several hosts, bad input."""
 import json
 import os
 import re
