@@ -213,7 +213,10 @@ def execute(fv: flags.FlagValues) -> None:
                jax.devices()[0].device_kind)
   if fv.mode == "train":
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(config, fv.workdir)
+    try:
+      train.train_and_evaluate(config, fv.workdir)
+    except train.Interrupted as e:  # saved and logged; 143 after SIGTERM, 130 after Ctrl-C
+      sys.exit(e.exit_status)
   elif fv.mode == "sample":
     from ddpm_jax import generate  # pylint: disable=import-outside-toplevel
     directory = generate.generate(config, fv.workdir, step=fv.step)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import jax
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ddpm_jax import rundir
 from ddpm_jax.errors import MissingFileError, UserError
@@ -34,6 +36,13 @@ from ddpm_jax.errors import MissingFileError, UserError
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 META_ITEM = "meta"
+# Damaged checkpoints are moved here, out of the CheckpointManager's view (it lists every
+# step-named directory of CHECKPOINT_DIR), never deleted: they may still hold what a user wants.
+DAMAGED_DIR = "damaged_checkpoints"
+# What orbax and tensorstore raise for a checkpoint they cannot read: a truncated or missing
+# file (ValueError "OUT_OF_RANGE"/"DATA_LOSS", FileNotFoundError), unreadable JSON
+# (JSONDecodeError, a ValueError), a missing entry (KeyError).
+_READ_ERRORS = (OSError, ValueError, KeyError)
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -119,6 +128,12 @@ class Checkpointer:
   Every leaf is saved as a host numpy array and restored as one, so checkpoints move freely
   between machines with different device counts.
 
+  A checkpoint that orbax cannot read (a truncated or missing file) is damaged: restoring the
+  latest step falls back to the newest one that restores, after one warning, and moves the
+  damaged step's directory to workdir/damaged_checkpoints/<step>-<UTC time> (process 0, or the
+  process of a process-local Checkpointer; a failed move is only a warning). Asking for a
+  damaged step by number is a UserError.
+
   With several processes, every process must construct the Checkpointer and call `save` (and
   `wait`/`close`) with the same arguments; process 0 writes the files, the others take part in
   orbax's barriers. `restore` reads on every process that calls it.
@@ -127,8 +142,9 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: Optional[int], read_only: bool = False,
                process_local: bool = False):
     """keep: the number of checkpoints kept (None: all). read_only: never create, delete or
-    write anything. process_local: this process alone uses the Checkpointer (no barriers with
-    the other processes of a multi-process job; only for reading)."""
+    write anything, except moving a damaged checkpoint aside. process_local: this process alone
+    uses the Checkpointer (no barriers with the other processes of a multi-process job; only
+    for reading)."""
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
       raise ValueError(f"keep={keep!r}: the number of checkpoints to keep must be an int >= 1 "
                        "(training.keep_checkpoints).")
@@ -136,6 +152,7 @@ class Checkpointer:
       raise ValueError("A process-local Checkpointer must be read_only=True.")
     self.workdir = workdir
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self._process_local = process_local
     multiprocessing = ocp.options.MultiprocessingOptions()
     if process_local:
       me = jax.process_index()
@@ -180,7 +197,7 @@ class Checkpointer:
       raise TypeError(f"step={step!r}: pass an int checkpoint step (or None for the latest).")
     if int(step) not in steps:
       raise UserError(f"No checkpoint of step {int(step)} in {self.directory}; available steps: "
-                       f"{_steps_text(steps)}.")
+                      f"{_steps_text(steps)}.")
     return int(step)
 
   # -- save
@@ -235,30 +252,101 @@ class Checkpointer:
   # -- restore
 
   def _state_metadata(self, step: int) -> Any:
-    meta = self._manager.item_metadata(step)[STATE_ITEM]
-    return getattr(meta, "tree", meta)
+    """The saved state's tree of array metadata; _Damaged if orbax cannot read it."""
+    if not (self.directory / str(step) / STATE_ITEM / "_METADATA").exists():
+      # Checked here: orbax would only warn, without naming the step, and return no tree.
+      raise _Damaged(f"{STATE_ITEM}/_METADATA is missing")
+    try:
+      meta = self._manager.item_metadata(step)[STATE_ITEM]
+    except _READ_ERRORS as e:
+      raise _Damaged(_reason(e)) from e
+    tree = getattr(meta, "tree", meta)
+    if tree is None:  # orbax only warns when state/_METADATA is unreadable
+      raise _Damaged(f"{STATE_ITEM}/_METADATA is unreadable")
+    return tree
+
+  def _read(self, step: int, args: ocp.args.Composite) -> Any:
+    try:
+      return self._manager.restore(step, args=args)
+    except _READ_ERRORS as e:
+      raise _Damaged(_reason(e)) from e
+
+  def _restore_intact(self, step: Optional[int], restore_step) -> Tuple[int, Any]:
+    """(step, restore_step(step)) for `step`, or for the newest checkpoint that restores.
+
+    restore_step(step) reads one checkpoint and raises _Damaged when orbax cannot. A damaged
+    latest checkpoint is moved aside (see the class docstring) and the next older one is tried;
+    a damaged `step` asked for by number is a UserError.
+    """
+    self.wait()
+    if step is not None:
+      step = self._resolve_step(step)
+      try:
+        return step, restore_step(step)
+      except _Damaged as e:
+        others = [s for s in self.all_steps() if s != step]
+        raise UserError(
+            f"Checkpoint step {step} in {self.directory} is damaged ({e}); pass another step "
+            f"(the others: {_steps_text(others)}), or none to use the newest intact one.") from e
+    self._resolve_step(None)  # "train first" when there is none
+    for candidate in reversed(self.all_steps()):
+      try:
+        return candidate, restore_step(candidate)
+      except _Damaged as e:
+        self._set_aside(candidate, str(e))
+    raise UserError(f"No intact checkpoint in {self.directory}: every one was damaged and was "
+                    f"moved to {epath.Path(self.workdir) / DAMAGED_DIR}; training again with `"
+                    f"{train_command(self.workdir)}` starts from step 0.")
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    """Moves damaged checkpoint `step` out of the manager's view (never deletes it)."""
+    source = self.directory / str(step)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    destination = epath.Path(self.workdir) / DAMAGED_DIR / f"{step}-{stamp}"
+    moved = ""
+    if self._process_local or jax.process_index() == 0:
+      try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(destination)
+        moved = f"moved it to {destination}"
+      except OSError as e:  # e.g. a read-only workdir: the checkpoint stays where it is
+        moved = f"could not move it aside ({e.strerror or e})"
+    else:
+      moved = f"process 0 moves it to {destination}"
+    logging.warning("Checkpoint step %d in %s is damaged (%s); %s, and using the newest intact "
+                    "checkpoint before it.", step, self.directory, reason, moved)
+    if not self._process_local and jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"ddpm_jax_set_aside_{step}")
+    self._manager.reload()
 
   def restore(self, step: Optional[int] = None, *, target: Any = None) -> Tuple[Any, Dict]:
-    """(state, meta) of checkpoint `step` (the latest by default); leaves are host numpy arrays.
+    """(state, meta) of checkpoint `step` (the newest intact one by default); leaves are host
+    numpy arrays. A damaged latest checkpoint is moved aside (see the class docstring).
 
     target: a pytree of arrays or jax.ShapeDtypeStruct; the state is restored into its structure
     (tuples stay tuples) with its dtypes, and must match the saved keys and shapes exactly.
     Without a target the saved structure comes back (dicts and lists; tuples were saved as lists).
     """
-    self.wait()
-    step = self._resolve_step(step)
-    saved = self._state_metadata(step)
-    if target is None:
-      restore_args = jax.tree_util.tree_map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-    else:
-      self._check_target(step, saved, target)
-      restore_args = jax.tree_util.tree_map(
-          lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=_dtype(x)), target)
-    out = self._manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
-        META_ITEM: ocp.args.JsonRestore()}))
-    return out[STATE_ITEM], out[META_ITEM]
+    _, (state, meta) = self.restore_with_step(step, target=target)
+    return state, meta
+
+  def restore_with_step(self, step: Optional[int] = None, *,
+                        target: Any = None) -> Tuple[int, Tuple[Any, Dict]]:
+    """(the step restored, (state, meta)): `restore`, saying which step it used."""
+    def restore_step(step):
+      saved = self._state_metadata(step)
+      if target is None:
+        restore_args = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+      else:
+        self._check_target(step, saved, target)
+        restore_args = jax.tree_util.tree_map(
+            lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=_dtype(x)), target)
+      out = self._read(step, ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+          META_ITEM: ocp.args.JsonRestore()}))
+      return out[STATE_ITEM], out[META_ITEM]
+    return self._restore_intact(step, restore_step)
 
   def _check_target(self, step: int, saved: Any, target: Any) -> None:
     problem = tree_mismatch(saved, target)
@@ -269,17 +357,25 @@ class Checkpointer:
 
   def restore_params_only(self, step: Optional[int] = None, *,
                           ema_index: Optional[int] = 0) -> Any:
-    """One parameter tree of checkpoint `step` (the latest by default), as float32 numpy.
+    """One parameter tree of checkpoint `step` (the newest intact one by default), as float32
+    numpy; see `restore_params_with_step`."""
+    return self.restore_params_with_step(step, ema_index=ema_index)[1]
 
-    ema_index: which EMA tree of "ema_params" (0: the main EMA, the one sampling uses); None
-    gives the raw "params". Reads no optimizer state and needs no template.
+  def restore_params_with_step(self, step: Optional[int] = None, *,
+                               ema_index: Optional[int] = 0) -> Tuple[int, Any]:
+    """(the step restored, one parameter tree of it as float32 numpy).
+
+    step: a checkpoint step, or None for the newest intact one (a damaged latest checkpoint is
+    moved aside). ema_index: which EMA tree of "ema_params" (0: the main EMA, the one sampling
+    uses); None gives the raw "params". Reads no optimizer state and needs no template.
     """
-    self.wait()
-    step = self._resolve_step(step)
+    return self._restore_intact(step, lambda s: self._params_of(s, ema_index))
+
+  def _params_of(self, step: int, ema_index: Optional[int]) -> Any:
     saved = self._state_metadata(step)
     if not isinstance(saved, dict):
       raise ValueError(f"Checkpoint step {step} in {self.directory} is not a ddpm_jax training "
-                       "state (its state is not a dict).")
+                       f"state (its state is a {type(saved).__name__}, not a dict).")
     if ema_index is None:
       key, sub = "params", saved.get("params")
     else:
@@ -302,7 +398,7 @@ class Checkpointer:
       floating = jnp.issubdtype(np.dtype(getattr(meta, "dtype", np.float32)), jnp.floating)
       return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32 if floating else None)
 
-    out = self._manager.restore(step, args=ocp.args.Composite(**{
+    out = self._read(step, ocp.args.Composite(**{
         STATE_ITEM: ocp.args.PyTreeRestore(item=request,
                                            restore_args=jax.tree_util.tree_map(args, request),
                                            partial_restore=True)}))
@@ -312,38 +408,52 @@ class Checkpointer:
     return tree[str(ema_index)] if isinstance(tree, dict) else tree[ema_index]
 
 
+class _Damaged(Exception):
+  """orbax could not read a checkpoint; the message says why, in one line."""
+
+
+def _reason(error: Exception) -> str:
+  """An orbax/tensorstore error in one short line (theirs carry the whole tensorstore spec)."""
+  text = str(error).split(" [tensorstore_spec=")[0].splitlines()
+  parts = (text[0] if text else "").split(": ")
+  # tensorstore nests its causes ("OUT_OF_RANGE: Error opening ...: ...: the cause"): keep the
+  # code and the innermost cause.
+  text = ": ... ".join((parts[0], parts[-1])) if len(parts) > 2 else ": ".join(parts)
+  text = text if len(text) <= 300 else text[:300] + " ..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 # ----------------------------------------------------------------------------- load
 
 
-def resolve_step(workdir: str, step: Optional[int] = None) -> int:
-  """`step` if workdir has a checkpoint of it, else the latest step (step=None); clear errors
-  for a workdir without checkpoints or without that step."""
-  if not (epath.Path(workdir) / CHECKPOINT_DIR).is_dir():
-    raise MissingFileError(f"No checkpoint in {epath.Path(workdir) / CHECKPOINT_DIR}; train "
-                            f"first with `{train_command(workdir)}`.")
-  with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
-    return ckpt._resolve_step(step)  # pylint: disable=protected-access
-
-
-def load(workdir: str, *, step: Optional[int] = None) -> Tuple[Any, ml_collections.ConfigDict]:
-  """(EMA params, config) of a training run: the main EMA tree of checkpoint `step` (the latest
-  by default) as nested dicts of float32 numpy arrays, for
-  `UNet(**config.model).apply({"params": ema_params}, ...)`, and the run's own config.
-
-  Reads only; works on any number of devices and in any subset of a job's processes.
-  """
+def load_with_step(workdir: str, *, step: Optional[int] = None
+                   ) -> Tuple[int, Any, ml_collections.ConfigDict]:
+  """(the step loaded, EMA params, config): `load`, saying which step it read. One Checkpointer
+  resolves the step and reads it, so sampling and evaluation name the step they used."""
   root = epath.Path(workdir)
   if not root.exists():
     raise MissingFileError(f"Workdir {workdir} does not exist; pass the --workdir of a "
-                            "training run.")
+                           "training run.")
   if not root.is_dir():
     raise UserError(f"Workdir {workdir} is not a directory; pass the --workdir of a "
-                             "training run.")
+                    "training run.")
   config = rundir.read_config(workdir)
-  ckpt_dir = root / CHECKPOINT_DIR
-  if not ckpt_dir.is_dir():
-    raise MissingFileError(f"No checkpoint in {ckpt_dir}; train first with `"
-                            f"{train_command(workdir)}`.")
+  if not (root / CHECKPOINT_DIR).is_dir():
+    raise MissingFileError(f"No checkpoint in {root / CHECKPOINT_DIR}; train first with `"
+                           f"{train_command(workdir)}`.")
   with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
-    params = ckpt.restore_params_only(step)
+    step, params = ckpt.restore_params_with_step(step)
+  return step, params, config
+
+
+def load(workdir: str, *, step: Optional[int] = None) -> Tuple[Any, ml_collections.ConfigDict]:
+  """(EMA params, config) of a training run: the main EMA tree of checkpoint `step` (the newest
+  intact one by default; a damaged latest checkpoint is moved aside with a warning) as nested
+  dicts of float32 numpy arrays, for `UNet(**config.model).apply({"params": ema_params}, ...)`,
+  and the run's own config.
+
+  Reads only (but for moving a damaged checkpoint aside); works on any number of devices and
+  in any subset of a job's processes.
+  """
+  _, params, config = load_with_step(workdir, step=step)
   return params, config

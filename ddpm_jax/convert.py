@@ -41,7 +41,7 @@ from etils import epath
 from flax import traverse_util
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoint, diffusers_mapping as dm, train
+from ddpm_jax import checkpoint, diffusers_mapping as dm, rundir, settings, train
 from ddpm_jax.errors import MissingFileError, UserError
 
 UNET_CONFIG = os.path.join("unet", "config.json")
@@ -182,7 +182,7 @@ def check_workdir(workdir: str) -> None:
   root = epath.Path(workdir)
   if root.exists() and not root.is_dir():
     raise UserError(f"--workdir={workdir} is a file; pass a new directory for the converted run.")
-  taken = [n for n in (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINT_DIR) if (root / n).exists()]
+  taken = [n for n in (rundir.CONFIG_FILE, checkpoint.CHECKPOINT_DIR) if (root / n).exists()]
   if taken:
     raise UserError(f"--workdir={workdir} already holds a run ({' and '.join(taken)}); pass a "
                     "new directory for the converted run, so that no run is overwritten.")
@@ -220,7 +220,7 @@ def convert(src: str, workdir: str, config: Optional[ml_collections.ConfigDict] 
   with checkpoint.Checkpointer(workdir, keep=config.training.keep_checkpoints) as ckpt:
     ckpt.save(0, train.state_dict(state), meta={"step": 0, "data_step": 0,
                                                 "converted_from": os.path.abspath(src)})
-  checkpoint.write_or_check_config(workdir, config)
+  rundir.write_or_check_config(workdir, config)
   return config
 
 

@@ -273,8 +273,7 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     diffusion.check_choice("eval metric", m, METRICS)
   if not metrics:
     raise UserError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
-  step = checkpoint.resolve_step(workdir, step)
-  params, _ = checkpoint.load(workdir, step=step)
+  step, params, _ = checkpoint.load_with_step(workdir, step=step)
   sampling.check_params(params, config)
   variables, missing_weights = None, None
   if "fid" in metrics:

@@ -114,8 +114,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
     raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   sampling.check_settings(config)
   if params is None or step is None:
-    step = checkpoint.resolve_step(workdir, step)
-    params, _ = checkpoint.load(workdir, step=step)
+    step, params, _ = checkpoint.load_with_step(workdir, step=step)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
 

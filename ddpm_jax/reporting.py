@@ -76,12 +76,21 @@ class Progress:
 
 
 class Reporter:
-  """Console progress bar, TensorBoard scalars under workdir/tensorboard, and sample grids."""
+  """Console progress bar, TensorBoard scalars under workdir/tensorboard, and sample grids.
 
-  def __init__(self, workdir: str, *, num_steps: int, start_step: int, batch_size: int):
+  The console gets a line at every `scalars` call (every log_every steps) and, between them, at
+  least every `progress_every_s` seconds (`progress_due`/`progress`), so that a run with a
+  large log_every or slow steps still shows that it is moving.
+  """
+
+  def __init__(self, workdir: str, *, num_steps: int, start_step: int, batch_size: int,
+               progress_every_s: float = 30.0):
     self.active = jax.process_index() == 0
     self.num_steps, self.batch_size = num_steps, batch_size
+    self.progress_every_s = progress_every_s
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.last_line = self.last_time
+    self.compile_start = None
     self.samples_dir = os.path.join(workdir, "samples")
     self.writer = None
     if self.active:
@@ -89,11 +98,45 @@ class Reporter:
       from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
       self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def scalars(self, step: int, metrics: Mapping[str, np.ndarray]) -> None:
-    """Logs a step's metrics, with images per second since the last call."""
+  def _print(self, text: str) -> None:
+    self.last_line = time.perf_counter()
+    if self.active:
+      print(text, file=sys.stderr, flush=True)
+
+  def compiling(self) -> None:
+    """Says that the train step is being compiled (minutes for a large model on a CPU)."""
+    self.compile_start = time.perf_counter()
+    self._print("Compiling the train step (once per run; the first step waits for it) ...")
+
+  def compiled(self) -> None:
+    """Says how long compiling took; the step rate is counted from here."""
+    now = time.perf_counter()
+    self._print(f"Compiled the train step in {now - self.compile_start:.1f} s.")
+    self.last_time = now
+
+  def _rate(self, step: int) -> float:
+    """Steps per second since the last line with a rate."""
     now = time.perf_counter()
     steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
+    return steps_per_s
+
+  def _line(self, step: int, steps_per_s: float, loss: float) -> None:
+    self._print(progress_line("step", step, self.num_steps, steps_per_s, "step") +
+                f" | loss {loss:.4f} | {steps_per_s * self.batch_size:.0f} img/s")
+
+  def progress_due(self) -> bool:
+    """Whether progress_every_s has passed since the last console line."""
+    return time.perf_counter() - self.last_line >= self.progress_every_s
+
+  def progress(self, step: int, metrics: Mapping[str, np.ndarray]) -> None:
+    """A console progress line for `step` (no TensorBoard scalars)."""
+    self._line(step, self._rate(step), float(np.asarray(metrics.get("loss", np.nan))))
+
+  def scalars(self, step: int, metrics: Mapping[str, np.ndarray]) -> None:
+    """Logs a step's metrics to TensorBoard and the console, with images per second since the
+    last line."""
+    steps_per_s = self._rate(step)
     if not self.active:
       return
     scalars = {"images_per_second": steps_per_s * self.batch_size}
@@ -106,9 +149,7 @@ class Reporter:
     for name, value in scalars.items():
       self.writer.scalar(name, value, step)
     self.writer.flush()
-    print(progress_line("step", step, self.num_steps, steps_per_s, "step") +
-          f" | loss {scalars.get('loss', float('nan')):.4f} | "
-          f"{scalars['images_per_second']:.0f} img/s", file=sys.stderr, flush=True)
+    self._line(step, steps_per_s, scalars.get("loss", float("nan")))
 
   def eval_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Logs evaluation scalars (no effect on the img/s of the progress line)."""

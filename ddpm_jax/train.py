@@ -22,11 +22,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct
-from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, data, diffusion, evaluation, rundir, sampling, settings
-from ddpm_jax import placement
+from ddpm_jax import checkpoint, data, diffusion, evaluation, placement, rundir, sampling, settings
 from ddpm_jax.errors import UserError
+from ddpm_jax.preemption import Interrupted, Preemption
 from ddpm_jax.reporting import Reporter
 
 PARALLEL = settings.PARALLEL
@@ -242,33 +241,6 @@ def state_from_dict(template: TrainState, tree: dict) -> TrainState:
 # ----------------------------------------------------------------------------- the loop
 
 
-class _Preemption:
-  """Notices SIGTERM (a TPU preemption, `kill`) so the loop can checkpoint and stop cleanly.
-
-  One process: our own signal handler. Several: jax.distributed's preemption notifier, whose
-  sync point makes every process stop after the same step.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self.multiprocess = jax.process_count() > 1
-    if not self.multiprocess:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    """Whether to checkpoint and stop after `step`; every process must call it every step."""
-    if self.multiprocess:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def restore(self):
-    if not self.multiprocess:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _device_batches(iterator, par: Parallel, ahead: int = 2):
   """Host batches placed on the devices `ahead` steps early (transfers overlap the compute)."""
   queue = collections.deque()
@@ -280,13 +252,20 @@ def _device_batches(iterator, par: Parallel, ahead: int = 2):
     yield queue.popleft()
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains config's model in workdir, resuming from its latest checkpoint; returns the state.
+def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) -> TrainState:
+  """Trains config's model in workdir, resuming from its newest intact checkpoint; returns the
+  state.
 
-  Checkpoints every training.checkpoint_every steps, at the end, and on SIGTERM; logs every
-  training.log_every steps; writes an EMA sample grid every training.sample_every steps.
-  A non-finite loss stops the run with FloatingPointError; the bad update is never applied,
-  so no checkpoint holds it.
+  Checkpoints every training.checkpoint_every steps and at the end; logs every
+  training.log_every steps, and prints a progress line at least every `progress_every_s`
+  seconds between them; writes an EMA sample grid every training.sample_every steps.
+  SIGTERM or Ctrl-C saves the step the loop is on and raises `Interrupted` (see its
+  exit_status). A non-finite loss stops the run with FloatingPointError; the bad update is
+  never applied, so no checkpoint holds it.
+
+  Dispatch: the host runs at most 2 steps ahead of the device (it waits for step n-2 after
+  dispatching step n), so that a signal is answered within about 2 steps, and a step's metrics
+  are read once it has finished, never stalling the device on the newest step.
   """
   tc = config.training
   # Refuse bad settings before anything is written to the workdir.
@@ -298,52 +277,69 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   config = rundir.write_or_check_config(workdir, config)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
-  ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    # Resuming needs only the state's structure: no initialisation to compile and run.
-    template = jax.eval_shape(lambda k: create_train_state(config, k), init_key)
-    tree, _ = ckpt.restore(target=state_dict(template))
-    state = state_from_dict(template, tree)
-    logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
-  else:
-    state = create_train_state(config, init_key)
-  start_step = int(state.step)
-
-  par = Parallel(config, make_train_step(config))
-  p_state = par.put_state(state)
-  del state
-  host_batch = tc.batch_size // jax.process_count()
-  batches = _device_batches(
-      data.create_input_iter(config, split="train", per_host_batch_size=host_batch,
-                             seed=config.seed, start_step=start_step), par)
-  reporter = Reporter(workdir, num_steps=tc.num_train_steps, start_step=start_step,
-                      batch_size=tc.batch_size)
-  preemption = _Preemption()
-  checked_step = start_step
-
-  def check_finite(step):
-    nonlocal checked_step
-    if int(par.get(p_state.nonfinite_steps)):
-      raise FloatingPointError(
-          f"Training stopped: the loss or gradient became NaN/Inf between steps {checked_step} "
-          f"and {step}. Those updates were not applied and nothing after them was saved; the "
-          f"last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints. Try a "
-          f"lower optim.learning_rate or check the data.")
-    checked_step = step
-
+  finished = None  # the newest step known to have finished on the device
+  preemption = Preemption(lambda: finished)
+  ckpt = reporter = None
   try:
+    ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+      # Resuming needs only the state's structure: no initialisation to compile and run.
+      template = jax.eval_shape(lambda k: create_train_state(config, k), init_key)
+      tree, _ = ckpt.restore(target=state_dict(template))
+      state = state_from_dict(template, tree)
+      logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
+    else:
+      state = create_train_state(config, init_key)
+    finished = start_step = int(state.step)
+
+    par = Parallel(config, make_train_step(config))
+    p_state = par.put_state(state)
+    del state
+    host_batch = tc.batch_size // jax.process_count()
+    batches = _device_batches(
+        data.create_input_iter(config, split="train", per_host_batch_size=host_batch,
+                               seed=config.seed, start_step=start_step), par)
+    reporter = Reporter(workdir, num_steps=tc.num_train_steps, start_step=start_step,
+                        batch_size=tc.batch_size, progress_every_s=progress_every_s)
+    in_flight = collections.deque()  # (step, metrics) dispatched, not yet known finished
+
+    def finish(upto: int) -> None:
+      """Waits for the steps up to `upto`, checks that their loss was finite, reports them."""
+      nonlocal finished
+      while in_flight and in_flight[0][0] <= upto:
+        step, metrics = in_flight.popleft()
+        if int(par.get(metrics["nonfinite"])):  # blocks until the step has finished
+          raise FloatingPointError(
+              f"Training stopped: the loss or gradient became NaN/Inf between steps {step - 1} "
+              f"and {step}. That update was not applied and nothing after it was saved; the "
+              f"last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints. Try "
+              f"a lower optim.learning_rate or check the data.")
+        finished = step
+        if step % tc.log_every == 0 or step == tc.num_train_steps:
+          reporter.scalars(step, par.get(metrics))
+        elif reporter.progress_due():
+          reporter.progress(step, par.get(metrics))
+
+    stopped = None
     for step in range(start_step + 1, tc.num_train_steps + 1):
-      p_state, metrics = par.step(p_state, next(batches), train_key)
+      batch = next(batches)
+      if step == start_step + 1:
+        reporter.compiling()  # the first call traces and compiles before it dispatches
+      p_state, metrics = par.step(p_state, batch, train_key)
+      if step == start_step + 1:
+        reporter.compiled()
+      in_flight.append((step, metrics))
+      finish(step - 2)
       last = step == tc.num_train_steps
-      if step % tc.log_every == 0 or last:
-        check_finite(step)
-        reporter.scalars(step, par.get(metrics))
-      stop = preemption.reached(step)
+      stop = preemption.reached(step) and not last
       if step % tc.checkpoint_every == 0 or last or stop:
-        check_finite(step)
+        finish(step)
         host = par.get(p_state)
         ckpt.save(step, state_dict(host), meta={"step": step, "data_step": step,
                                                "train_key": np.asarray(train_key).tolist()})
+      if stop:
+        stopped = step
+        break
       if tc.sample_every and (step % tc.sample_every == 0 or last) and jax.process_index() == 0:
         ema = par.get(p_state.ema_params[0])
         n = min(64, config.sampling.num_samples)
@@ -353,13 +349,18 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         scalars = evaluator(step, par.get(p_state.ema_params[0]))
         reporter.eval_scalars(step, scalars)
         evaluation.write_results(workdir, step, {"training_eval": scalars})
-      if stop:
-        logging.warning("SIGTERM: saved the checkpoint of step %d in %s; stopping.", step,
-                        workdir)
-        break
+    if stopped is not None:
+      ckpt.wait()
+      arrival = ("" if preemption.arrived_after is None else
+                 f" arrived after step {preemption.arrived_after} had finished")
+      logging.warning("%s%s: saved the checkpoint of step %d in %s; stopping.",
+                      signal.Signals(preemption.signum).name, arrival, stopped, workdir)
+      raise Interrupted(preemption.signum, stopped, workdir)
     return par.get(p_state)
   finally:
     preemption.restore()
-    ckpt.wait()
-    ckpt.close()
-    reporter.close()
+    if ckpt is not None:
+      ckpt.wait()
+      ckpt.close()
+    if reporter is not None:
+      reporter.close()

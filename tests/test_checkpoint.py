@@ -1,5 +1,7 @@
 """Run directories: config.json checks, orbax checkpoints (atomic, keep-K, multi-process), load()."""
+import glob
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import default
 from ddpm_jax import checkpoint, rundir
+from ddpm_jax.errors import UserError
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checkpoint_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,6 +360,84 @@ def test_restore_params_only_reads_one_tree_as_float32(tmp_path):
       ema1["dense"]["kernel"],
       np.asarray(state["ema_params"]["1"]["dense"]["kernel"]).astype(np.float32))
   _leaves_equal(raw, state["params"])
+
+
+def damage(workdir, step, how):
+  """Damages checkpoint `step` as a full disk or a careless copy would: "truncated" cuts the
+  state's data file(s) to 10 bytes, "no_metadata" deletes the state's _METADATA."""
+  state = os.path.join(workdir, "checkpoints", str(step), "state")
+  if how == "truncated":
+    files = glob.glob(os.path.join(state, "d", "*"))
+    assert files
+    for f in files:
+      os.truncate(f, 10)
+  else:
+    os.remove(os.path.join(state, "_METADATA"))
+
+
+def _damage_warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING and " is damaged " in r.getMessage()]
+
+
+def _saved_run(workdir, steps):
+  rundir.write_or_check_config(workdir, default.get_config())
+  with checkpoint.Checkpointer(workdir, keep=None) as ckpt:
+    for step in steps:
+      ckpt.save(step, _train_state(step), {"step": step})
+
+
+def _ema(step):
+  return jax.tree_util.tree_map(lambda p: p * 2, _train_state(step)["params"])
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_metadata"])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_newest_intact_one_used(tmp_path, how,
+                                                                                   caplog):
+  workdir = str(tmp_path / "run")
+  _saved_run(workdir, (1, 2, 3))
+  damage(workdir, 3, how)
+  caplog.set_level(logging.WARNING)
+  params, _ = checkpoint.load(workdir)
+  _leaves_equal(params, _ema(2))
+  warnings = _damage_warnings(caplog)
+  assert len(warnings) == 1 and "Checkpoint step 3 in" in warnings[0], warnings
+  assert ("_METADATA is missing" if how == "no_metadata" else "OUT_OF_RANGE") in warnings[0]
+  assert not any("not a dict" in r.getMessage() for r in caplog.records)
+  # Moved out of the manager's view, whole, never deleted.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  aside = os.listdir(os.path.join(workdir, "damaged_checkpoints"))
+  assert len(aside) == 1 and aside[0].startswith("3-"), aside
+  assert os.path.exists(os.path.join(workdir, "damaged_checkpoints", aside[0], "meta"))
+  caplog.clear()
+  _leaves_equal(checkpoint.load(workdir)[0], _ema(2))
+  assert not _damage_warnings(caplog)
+
+  # The full restore (resuming training) falls back in the same way, and says which step.
+  damage(workdir, 2, "truncated" if how == "no_metadata" else "no_metadata")
+  with checkpoint.Checkpointer(workdir, keep=3) as ckpt:
+    step, (tree, meta) = ckpt.restore_with_step(target=_train_state(1))
+    assert step == 1 and meta == {"step": 1} and ckpt.all_steps() == [1]
+    _leaves_equal(tree["params"], _train_state(1)["params"])
+    ckpt.save(2, _train_state(2), {"step": 2})  # the step can be trained and saved again
+  assert len(_damage_warnings(caplog)) == 1
+  assert len(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == 2
+
+
+def test_a_damaged_step_asked_for_by_number_is_a_user_error(tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  _saved_run(workdir, (1, 2))
+  damage(workdir, 1, "truncated")
+  with pytest.raises(UserError, match=r"Checkpoint step 1 in .* is damaged \(ValueError: "
+                                      r"OUT_OF_RANGE: .*\); pass another step \(the others: 2\)"):
+    checkpoint.load(workdir, step=1)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]  # not moved
+  _leaves_equal(checkpoint.load(workdir)[0], _ema(2))
+  # Nothing intact at all: one sentence, and everything is kept aside.
+  damage(workdir, 2, "no_metadata")
+  with pytest.raises(UserError, match=r"No intact checkpoint in .*moved to .*damaged_checkpoints"):
+    checkpoint.load(workdir)
+  assert len(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == 2
 
 
 # ----------------------------------------------------------------------------- processes

@@ -5,7 +5,9 @@ everything else reads it. References are independent: the scan samplers called d
 per-sample keys, the bound's own terms, NumPy's standard error, a manual guidance formula.
 """
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,8 @@ import pytest
 
 import ddpm_jax
 from ddpm_jax import checkpoint, evaluation, generate, rundir, sampling, settings, train
+from ddpm_jax.errors import UserError
+from tests.test_checkpoint import damage
 from tests.test_loop import ROOT, smoke_config
 
 CPU = jax.local_devices()
@@ -262,6 +266,30 @@ def test_main_sample_mode_uses_the_runs_config(run):
   assert proc.returncode != 0
   assert "model.ch: 32 in the run, 64 now" in proc.stderr
   assert sorted(os.listdir(os.path.join(run, "eval"))) == before
+
+
+def test_sample_and_eval_modes_fall_back_from_a_damaged_latest_checkpoint(run, tmp_path, caplog):
+  """--mode=sample and --mode=eval (what main.py calls) on a copy of the run whose step 6 is
+  damaged: both use step 3, after one warning naming step 6, which is moved aside."""
+  config = smoke_config(**{"eval.metrics": ("bpd",), "eval.bpd_num_examples": 4,
+                           "eval.batch_size": 4})
+  caplog.set_level(logging.WARNING)
+  for how, call in (("truncated", lambda w: generate.generate(config, w)),
+                    ("no_metadata", lambda w: evaluation.evaluate(config, w))):
+    workdir = str(tmp_path / how)
+    shutil.copytree(run, workdir)
+    damage(workdir, 6, how)
+    with pytest.raises(UserError, match=r"Checkpoint step 6 in .* is damaged"):
+      generate.generate(config, workdir, step=6)
+    caplog.clear()
+    call(workdir)
+    warnings = [r.getMessage() for r in caplog.records if " is damaged " in r.getMessage()]
+    assert len(warnings) == 1 and "Checkpoint step 6 in" in warnings[0], warnings
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    assert os.listdir(os.path.join(workdir, "damaged_checkpoints"))[0].startswith("6-")
+  assert os.listdir(os.path.join(tmp_path, "truncated", "samples")) == ["00000003_ancestral20"]
+  with open(os.path.join(tmp_path, "no_metadata", "eval", "00000003.json")) as f:
+    assert json.load(f)["bpd"]["num_examples"] == 4
 
 
 # ----------------------------------------------------------------------------- bits/dim, FID

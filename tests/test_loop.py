@@ -1,10 +1,12 @@
-"""The training loop end to end: main.py, checkpoints, resume after SIGKILL, several hosts, bad input."""
+"""The training loop end to end: main.py, checkpoints, signals, resume, several hosts, bad input."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -14,6 +16,7 @@ from PIL import Image
 
 from configs import smoke
 from ddpm_jax import checkpoint, data, train
+from tests.test_checkpoint import damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,10 +51,20 @@ def leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_train_checkpoint_resume_and_sample_grid(tmp_path):
+def progress_steps(console):
+  """The steps of the console's progress lines."""
+  return [int(m) for m in re.findall(r"^step (\d+)/", console, re.M)]
+
+
+def test_train_checkpoint_resume_and_sample_grid(tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  state = train.train_and_evaluate(smoke_config(), workdir)
+  state = train.train_and_evaluate(smoke_config(), workdir, progress_every_s=0.0)
   assert int(state.step) == 6
+  console = capsys.readouterr().err
+  assert "Compiling the train step" in console
+  assert re.search(r"Compiled the train step in \d+\.\d s\.", console)
+  # log_every=2, and a line whenever progress_every_s has passed: here, after every step.
+  assert progress_steps(console) == [1, 2, 3, 4, 5, 6]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["training"]["num_train_steps"] == 6
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
@@ -64,25 +77,62 @@ def test_train_checkpoint_resume_and_sample_grid(tmp_path):
   for a, b in zip(leaves(tree["ema_params"]), leaves(state.ema_params)):
     np.testing.assert_array_equal(a, b)
   # A longer run in the same workdir resumes from step 6.
-  state = train.train_and_evaluate(smoke_config(**{"training.num_train_steps": 9}), workdir)
+  state = train.train_and_evaluate(smoke_config(**{"training.num_train_steps": 9}), workdir,
+                                   progress_every_s=1e9)
   assert int(state.step) == 9
+  assert progress_steps(capsys.readouterr().err) == [8, 9]  # log_every only, and the last step
   assert checkpoint.Checkpointer(workdir, keep=2).all_steps() == [6, 9]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+class Console:
+  """A subprocess's output (stdout and stderr), read by a thread, so the test can wait for a
+  line while the process runs."""
+
+  def __init__(self, proc):
+    self.proc, self.lines = proc, []
+    self._thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+    self._thread.start()
+
+  def wait_for(self, pattern, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      found = re.search(pattern, "".join(self.lines))
+      if found:
+        return found
+      assert self.proc.poll() is None or self._thread.is_alive(), self.text()[-3000:]
+      time.sleep(0.02)
+    raise AssertionError(f"no {pattern!r} in:\n" + self.text()[-3000:])
+
+  def finish(self, timeout=120):
+    self.proc.wait(timeout=timeout)
+    self._thread.join(timeout=30)
+    return self.text()
+
+  def text(self):
+    return "".join(self.lines)
+
+
+def test_resume_after_an_abrupt_exit_matches_an_uninterrupted_run(tmp_path):
+  """A second Ctrl-C ends the run at once (os._exit: no clean-up runs, as after SIGKILL; a
+  SIGKILL in the middle of a save is tested in test_checkpoint.py), possibly while it saves."""
   flags = ["--config.training.num_train_steps=60", "--config.training.checkpoint_every=10",
            "--config.training.log_every=10", "--config.training.sample_every=0"]
   killed = str(tmp_path / "killed")
-  proc = run_main(killed, *flags, wait=False)
+  run = Console(run_main(killed, *flags, wait=False))
   ckpt_dir = os.path.join(killed, "checkpoints")
   deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
+  while time.time() < deadline and run.proc.poll() is None:
     if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
       break
     time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert run.proc.poll() is None, "the run ended before it could be stopped: " + run.text()[-2000:]
+  run.proc.send_signal(signal.SIGINT)
+  run.wait_for(r"SIGINT: saving the checkpoint of the current step")
+  run.proc.send_signal(signal.SIGINT)
+  sent = time.time()
+  out = run.finish(timeout=60)
+  assert run.proc.returncode == 130 and time.time() - sent < 10, out[-3000:]
+  assert "Second Ctrl-C: exiting now" in out and "Traceback" not in out, out[-3000:]
   steps = checkpoint.Checkpointer(killed, keep=10).all_steps()
   assert steps and max(steps) < 60
   out = run_main(killed, *flags)
@@ -98,21 +148,50 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_sigterm_checkpoints_and_stops(tmp_path):
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_non_zero(tmp_path):
+  """SIGTERM -> 143 and Ctrl-C -> 130, each after a checkpoint of the step the loop was on
+  (at most 2 steps after the one running when the signal came, with log_every far away), with
+  no traceback; a damaged latest checkpoint is set aside on resume. (A second Ctrl-C: see
+  test_resume_after_an_abrupt_exit_matches_an_uninterrupted_run.)"""
   workdir = str(tmp_path / "run")
-  proc = run_main(workdir, "--config.training.num_train_steps=100000",
-                  "--config.training.checkpoint_every=100000", "--config.training.sample_every=0",
-                  wait=False)
-  deadline = time.time() + 240
-  while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "tensorboard")):
-    time.sleep(0.1)
-  time.sleep(3)  # in the loop by now
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-3000:]
-  steps = checkpoint.Checkpointer(workdir, keep=10).all_steps()
-  assert len(steps) == 1 and 0 < steps[0] < 100000
-  assert f"saved the checkpoint of step {steps[0]}" in out
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  flags = ["--config.training.num_train_steps=100000", "--config.training.checkpoint_every=7",
+           "--config.training.sample_every=0", "--config.training.log_every=1000000"]
+  stopped = r"{} arrived after step (\d+) had finished: saved the checkpoint of step (\d+)"
+
+  run = Console(run_main(workdir, *flags, wait=False))
+  run.wait_for(r"Compiled the train step in \d+\.\d s")
+  while not os.path.isdir(os.path.join(ckpt_dir, "7")):  # in the loop, one checkpoint saved
+    assert run.proc.poll() is None, run.text()[-3000:]
+    time.sleep(0.01)
+  run.proc.send_signal(signal.SIGTERM)
+  out = run.finish()
+  assert run.proc.returncode == 143, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  arrived, saved = map(int, re.search(stopped.format("SIGTERM"), out).groups())
+  assert 7 <= arrived < saved <= arrived + 3, (arrived, saved)  # 2 steps in flight at most
+  assert checkpoint.Checkpointer(workdir, keep=10).all_steps()[-1] == saved
+
+  # Resume with the latest checkpoint damaged: one warning, it is moved aside, and the run goes
+  # on from the previous one, without a traceback; then Ctrl-C.
+  damage(workdir, saved, "truncated")
+  run = Console(run_main(workdir, *flags, wait=False))
+  resumed = int(run.wait_for(r"Resuming from the checkpoint of step (\d+)").group(1))
+  assert resumed < saved
+  run.wait_for(r"Compiled the train step")
+  time.sleep(0.5)
+  run.proc.send_signal(signal.SIGINT)
+  out = run.finish()
+  assert run.proc.returncode == 130, out[-3000:]
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+  assert "Event loop is closed" not in out
+  assert len(re.findall(r"Checkpoint step \d+ in .* is damaged", out)) == 1
+  assert f"Checkpoint step {saved} in" in out
+  assert [d.split("-")[0] for d in os.listdir(os.path.join(workdir, "damaged_checkpoints"))] == [
+      str(saved)]
+  arrived, saved_again = map(int, re.search(stopped.format("SIGINT"), out).groups())
+  assert resumed <= arrived < saved_again <= arrived + 3, (arrived, saved_again)
+  assert checkpoint.Checkpointer(workdir, keep=10).all_steps()[-1] == saved_again
 
 
 def _free_port():
