@@ -1,6 +1,7 @@
 """--mode=sample: a run's EMA samples, written as resumable uint8 .npz shards.
 
-    workdir/samples/<step:08d>_<tag>/      e.g. 00800000_ancestral1000, 00800000_ddim100_eta0
+    workdir/samples/<step:08d>_<tag>/      e.g. 00800000_ancestral1000, 00800000_ddim100_eta0,
+                                           00800000_dpm_solver20_order2
         sampling.json                      the settings of these samples (checked on resume)
         shard_000000.npz                   images uint8 [n, S, S, C], labels int32 [n],
         shard_000001.npz ...               index int64 [n] (the samples' global indices)
@@ -27,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, sampling
+from ddpm_jax import checkpoint, sampling, solvers
 from ddpm_jax.reporting import Progress, save_png
 
 MANIFEST = "sampling.json"
@@ -48,6 +49,8 @@ def _settings(config, step: int) -> dict:
                   dtype=config.model.dtype)
   if s.sampler == "ddim":
     settings["eta"] = float(s.eta)
+  if s.sampler == "dpm_solver":
+    settings.update(order=solvers.sampling_order(config), **solvers.thresholding(s))
   return settings
 
 
@@ -57,6 +60,11 @@ def sample_dir(workdir: str, config, step: int) -> epath.Path:
   tag = f"{s.sampler}{s.num_steps}"
   if s.sampler == "ddim":
     tag += f"_eta{float(s.eta):g}"
+  if s.sampler == "dpm_solver":
+    tag += f"_order{solvers.sampling_order(config)}"
+    kw = solvers.thresholding(s)
+    if kw["thresholding"]:
+      tag += f"_thr{kw['thresholding_ratio']:g}-{kw['thresholding_max']:g}"
   if s.get("guidance_scale", 0.0):
     tag += f"_cfg{float(s.guidance_scale):g}"
   if not s.clip_denoised:

@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral (full or respaced) and DDIM, each chain one `lax.scan`.
+"""Reverse-process samplers: ancestral (full or respaced), DDIM and (from solvers.py)
+DPM-Solver++, each chain one `lax.scan`.
 
 The loops are pure and traceable: wrap them in `jax.jit` with the model function closed over.
 The scan body is traced once, so compile time does not grow with the number of steps.
@@ -18,13 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpoint, diffusion, rng
+from ddpm_jax import checkpoint, diffusion, rng, solvers
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.schedules import Schedule, make_schedule
 from ddpm_jax.unet import UNet
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -211,7 +212,7 @@ def guided_model_fn(model: UNet, params, labels, guidance_scale: float) -> Model
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float,
                       guidance_scale: float, dtype: Optional[str], per_device: int,
-                      devices: tuple):
+                      devices: tuple, order: int = 2):
   """chain(params, keys [n*b], labels [n*b]) -> x_0 [n*b, S, S, C] over the n `devices`.
 
   One jit-compiled shard_map, cached per (config, sampler settings, devices): every device runs
@@ -229,6 +230,9 @@ def _compiled_sampler(config_json: str, sampler: str, num_steps: int, eta: float
     model_fn = guided_model_fn(model, params, labels if conditional else None, guidance_scale)
     if sampler == "ddim":
       return ddim_sample_loop(sched, model_fn, shape, keys, num_steps=num_steps, eta=eta, **common)
+    if sampler == "dpm_solver":
+      return solvers.dpm_solver_sample_loop(sched, model_fn, shape, keys, num_steps=num_steps,
+                                            order=order, **common, **solvers.thresholding(s))
     steps = None if num_steps == sched.num_timesteps else num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
@@ -308,7 +312,7 @@ def sample_labels(config, key, index) -> np.ndarray:
 
 
 def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, eta=None,
-                   guidance_scale=None, dtype=None) -> tuple:
+                   guidance_scale=None, dtype=None, order=None) -> tuple:
   """The sampling settings (arguments, else config.sampling), checked: one ValueError naming a
   bad value and what is accepted. Returns (sampler, num_steps, num_samples, eta,
   guidance_scale)."""
@@ -318,6 +322,7 @@ def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, et
   T = config.diffusion.num_timesteps
   num_steps = s.num_steps if num_steps is None else num_steps
   _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
+  solvers.check_sampling_settings(config, sampler, num_steps, order)
   num_samples = s.num_samples if num_samples is None else num_samples
   _check_int("num_samples", num_samples, 1)
   eta = float(s.eta if eta is None else eta)
@@ -337,13 +342,14 @@ def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, et
 def sample(params, key, *, config=None, num_samples: Optional[int] = None,
            sampler: Optional[str] = None, num_steps: Optional[int] = None,
            eta: Optional[float] = None, labels=None, guidance_scale: Optional[float] = None,
-           dtype: Optional[str] = None, first_index: int = 0,
+           dtype: Optional[str] = None, first_index: int = 0, order: Optional[int] = None,
            devices: Optional[Sequence[jax.Device]] = None) -> jnp.ndarray:
   """Draws images from a trained model: float32 [num_samples, S, S, C] in [-1, 1].
 
   params: the (EMA) parameters, e.g. from `ddpm_jax.load(workdir)`; config: that run's config.
-  sampler ("ancestral" | "ddim"), num_steps (in [1, T]; < T respaces the chain), eta (DDIM),
-  guidance_scale and num_samples default to config.sampling; dtype ("float32" | "bfloat16")
+  sampler ("ancestral" | "ddim" | "dpm_solver"), num_steps (in [1, T]; < T respaces the
+  chain), eta (DDIM), order (DPM-Solver++: 1, 2 or 3), guidance_scale and num_samples default
+  to config.sampling (dpm_solver's thresholding is config.sampling's); dtype ("float32" | "bfloat16")
   to config.model.dtype.
   labels: class-conditional models only: one int or [num_samples] ints in [0, num_classes]
   (num_classes is the null label); None draws each sample's label from its own key.
@@ -361,7 +367,8 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
                      "params by `params, config = ddpm_jax.load(workdir)`.")
   sampler, num_steps, num_samples, eta, guidance_scale = check_settings(
       config, sampler=sampler, num_steps=num_steps, num_samples=num_samples, eta=eta,
-      guidance_scale=guidance_scale, dtype=dtype)
+      guidance_scale=guidance_scale, dtype=dtype, order=order)
+  order = solvers.sampling_order(config, order)
   _check_int("first_index", first_index, 0)
   s, num_classes = config.sampling, config.model.num_classes
 
@@ -371,7 +378,7 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   config_json = config.to_json()
   _checked_params(params, config_json)
   run = _compiled_sampler(config_json, sampler, num_steps, eta, guidance_scale, dtype,
-                          per_device, devices)
+                          per_device, devices, order)
   params = replicate(params, devices)  # once for all calls below
   batch = batch_sharding(devices)
   index = jnp.arange(first_index, first_index + num_samples)
