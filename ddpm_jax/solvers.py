@@ -116,7 +116,8 @@ def _data_prediction(sched: Schedule, output, x, t, mean_type: str, var_type: st
 def check_solver_options(num_timesteps: int, num_steps, order, thresholding_ratio=0.995,
                          thresholding_max=1.0) -> None:
   """One UserError, naming the config field, for a bad order, num_steps or thresholding value."""
-  if isinstance(order, bool) or order not in ORDERS:
+  if (isinstance(order, bool) or not isinstance(order, (int, np.integer))
+      or order not in ORDERS):
     raise UserError(f"config.sampling.order={order!r} is not a DPM-Solver++ order; accepted: "
                     "1, 2 or 3.")
   if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))

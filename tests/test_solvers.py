@@ -5,6 +5,7 @@ on the exact model of Gaussian data (written by benchmarks/dpm_solver_reference.
 denoiser of a two-mode Gaussian mixture and its CDF; DDIM (eta = 0) on the same timesteps;
 Imagen's thresholding written in NumPy.
 """
+import json
 import os
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 from scipy.special import ndtr
 
 import ddpm_jax
-from ddpm_jax import sampling, solvers
+from ddpm_jax import generate, sampling
 from ddpm_jax.errors import UserError
 from tests.test_loop import smoke_config
 
@@ -201,6 +202,18 @@ def test_sample_with_guidance_is_the_loop_on_1_and_8_devices(conditional):
   assert np.abs(loop(2) - want).max() > 1e-3
 
 
+def test_mode_sample_writes_the_same_images_into_a_directory_named_by_the_order(conditional,
+                                                                               tmp_path):
+  config, _, params = conditional
+  directory = generate.generate(config, str(tmp_path), num_samples=8, step=0, params=params)
+  assert directory.name == "00000000_dpm_solver6_order3_cfg1.5"
+  images, labels = generate.read_samples(directory, 8)
+  want = ddpm_jax.sample(params, generate.sample_key(config), config=config, num_samples=8)
+  np.testing.assert_array_equal(images, np.round((np.asarray(want) + 1) * 127.5).astype(np.uint8))
+  manifest = json.loads((directory / generate.MANIFEST).read_text())
+  assert manifest["order"] == 3 and manifest["thresholding"] is False
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("sampling.order", 4, "config.sampling.order=4"),
     ("sampling.order", 0, "config.sampling.order=0"),
@@ -222,7 +235,8 @@ def test_bad_loop_inputs_and_thresholding_with_another_sampler(conditional):
   for kw, message in (({"num_steps": 0}, r"num_steps=0 .*\[1, 20\]"),
                       ({"num_steps": 21}, r"num_steps=21 .*\[1, 20\]"),
                       ({"num_steps": 5, "order": 4}, r"order=4 .*1, 2 or 3"),
-                      ({"num_steps": 5, "order": True}, "order=True")):
+                      ({"num_steps": 5, "order": True}, "order=True"),
+                      ({"num_steps": 5, "order": 2.0}, "order=2.0")):
     with pytest.raises(UserError, match=message):
       ddpm_jax.dpm_solver_sample_loop(sched, model, (1, 2), jax.random.key(0), **kw)
   _, _, params = conditional
