@@ -69,13 +69,19 @@ def get_config() -> ml_collections.ConfigDict:
   training.eval_every = 0  # > 0: bits/dim of a held-out batch (and FID, see eval.*) every N steps
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = "ancestral"  # ancestral | ddim
+  sampling.sampler = "ancestral"  # ancestral | ddim | dpm_solver
   sampling.num_steps = 1000  # < num_timesteps respaces the chain
   sampling.eta = 0.0
   sampling.clip_denoised = True
   sampling.guidance_scale = 0.0  # classifier-free guidance weight w (class-conditional models)
   sampling.num_samples = 64  # --mode=sample writes this many
   sampling.batch_size = 256  # per host and compiled call; also the size of the .npz shards
+  # DPM-Solver++ (sampler=dpm_solver): its order (1-3), and Imagen's dynamic thresholding of
+  # every x0 prediction (per sample: s = the ratio-quantile of |x0| in [1, max]; x0 -> clip / s).
+  sampling.order = 2
+  sampling.thresholding = False
+  sampling.thresholding_ratio = 0.995
+  sampling.thresholding_max = 1.5
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.metrics = ("bpd", "fid")  # --mode=eval: "bpd" (the bound) and/or "fid" (FID and IS)

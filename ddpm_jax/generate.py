@@ -1,6 +1,7 @@
 """--mode=sample: a run's EMA samples, written as resumable uint8 .npz shards.
 
-    workdir/samples/<step:08d>_<tag>/      e.g. 00800000_ancestral1000, 00800000_ddim100_eta0
+    workdir/samples/<step:08d>_<tag>/      e.g. 00800000_ancestral1000, 00800000_ddim100_eta0,
+                                           00800000_dpm_solver20_order2
         sampling.json                      the settings of these samples (checked on resume)
         shard_000000.npz                   images uint8 [n, S, S, C], labels int32 [n],
         shard_000001.npz ...               index int64 [n] (the samples' global indices)

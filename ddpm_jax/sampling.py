@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral (full or respaced) and DDIM, each chain one `lax.scan`.
+"""Reverse-process samplers: ancestral (full or respaced), DDIM and (from solvers.py)
+DPM-Solver++, each chain one `lax.scan`.
 
 The loops are pure and traceable: wrap them in `jax.jit` with the model function closed over.
 The scan body is traced once, so compile time does not grow with the number of steps.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpoint, diffusion, placement, rng, settings
+from ddpm_jax import checkpoint, diffusion, placement, rng, settings, solvers
 from ddpm_jax.errors import UserError
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.respace import respace, space_timesteps
@@ -212,6 +213,11 @@ def _compiled_sampler(model_settings: ModelSettings, diffusion_settings: Diffusi
     if c.sampler == "ddim":
       return ddim_sample_loop(sched, model_fn, shape, keys, num_steps=c.num_steps, eta=c.eta,
                               **common)
+    if c.sampler == "dpm_solver":
+      return solvers.dpm_solver_sample_loop(
+          sched, model_fn, shape, keys, num_steps=c.num_steps, order=c.order,
+          thresholding=c.thresholding, thresholding_ratio=c.thresholding_ratio,
+          thresholding_max=c.thresholding_max, **common)
     steps = None if c.num_steps == sched.num_timesteps else c.num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
@@ -269,7 +275,7 @@ def sample_labels(config, key, index) -> np.ndarray:
 
 
 def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, eta=None,
-                   guidance_scale=None, dtype=None
+                   guidance_scale=None, dtype=None, order=None
                    ) -> Tuple[settings.Settings, ChainSettings, int]:
   """The run's settings (the model's dtype replaced by `dtype` if given), the chain's (the
   arguments, else config.sampling) and num_samples, checked: one UserError naming a bad value
@@ -281,6 +287,12 @@ def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, et
   T = s.diffusion.num_timesteps
   num_steps = c.num_steps if num_steps is None else num_steps
   _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
+  order = c.order if order is None else order
+  if sampler == "dpm_solver":
+    solvers.check_solver_options(T, num_steps, order, c.thresholding_ratio, c.thresholding_max)
+  elif c.thresholding:
+    raise UserError(f"config.sampling.thresholding=True is used by the dpm_solver sampler only, "
+                    f"not by sampler={sampler!r}; use sampler='dpm_solver' or thresholding=False.")
   num_samples = s.sampling.num_samples if num_samples is None else num_samples
   _check_int("num_samples", num_samples, 1)
   eta = float(c.eta if eta is None else eta)
@@ -294,20 +306,21 @@ def check_settings(config, *, sampler=None, num_steps=None, num_samples=None, et
     diffusion.check_choice("dtype", dtype, settings.DTYPES)
     s = dataclasses.replace(s, model=dataclasses.replace(s.model, dtype=dtype))
   chain = dataclasses.replace(c, sampler=sampler, num_steps=int(num_steps), eta=eta,
-                              guidance_scale=guidance_scale)
+                              guidance_scale=guidance_scale, order=int(order))
   return s, chain, int(num_samples)
 
 
 def sample(params, key, *, config=None, num_samples: Optional[int] = None,
            sampler: Optional[str] = None, num_steps: Optional[int] = None,
            eta: Optional[float] = None, labels=None, guidance_scale: Optional[float] = None,
-           dtype: Optional[str] = None, first_index: int = 0,
+           dtype: Optional[str] = None, first_index: int = 0, order: Optional[int] = None,
            devices: Optional[Sequence[jax.Device]] = None) -> jnp.ndarray:
   """Draws images from a trained model: float32 [num_samples, S, S, C] in [-1, 1].
 
   params: the (EMA) parameters, e.g. from `ddpm_jax.load(workdir)`; config: that run's config.
-  sampler ("ancestral" | "ddim"), num_steps (in [1, T]; < T respaces the chain), eta (DDIM),
-  guidance_scale and num_samples default to config.sampling; dtype ("float32" | "bfloat16")
+  sampler ("ancestral" | "ddim" | "dpm_solver"), num_steps (in [1, T]; < T respaces the
+  chain), eta (DDIM), order (DPM-Solver++: 1, 2 or 3), guidance_scale and num_samples default
+  to config.sampling (dpm_solver's thresholding is config.sampling's); dtype ("float32" | "bfloat16")
   to config.model.dtype.
   labels: class-conditional models only: one int or [num_samples] ints in [0, num_classes]
   (num_classes is the null label); None draws each sample's label from its own key.
@@ -325,7 +338,7 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
                      "params by `params, config = ddpm_jax.load(workdir)`.")
   s, chain, num_samples = check_settings(
       config, sampler=sampler, num_steps=num_steps, num_samples=num_samples, eta=eta,
-      guidance_scale=guidance_scale, dtype=dtype)
+      guidance_scale=guidance_scale, dtype=dtype, order=order)
   _check_int("first_index", first_index, 0)
   num_classes = s.model.num_classes
 

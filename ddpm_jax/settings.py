@@ -30,7 +30,7 @@ from ddpm_jax.config_fields import SectionReader, changeable, fail, is_int, is_n
 from ddpm_jax.errors import UserError
 from ddpm_jax.unet import UNet
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 METRICS = ("bpd", "fid")
@@ -251,6 +251,16 @@ class ChainSettings:
   clip_denoised: bool = dataclasses.field(metadata={"tag": lambda v, c: "" if v else "_noclip"})
   guidance_scale: float = dataclasses.field(  # classifier-free guidance weight w; 0: none
       metadata={"tag": lambda v, c: f"_cfg{v:g}" if v else ""})
+  order: int = dataclasses.field(  # DPM-Solver++'s order, 1-3
+      default=2, metadata={"tag": lambda v, c: f"_order{v}" if c.sampler == "dpm_solver" else ""})
+  # Imagen's dynamic thresholding of every x0 prediction (dpm_solver only): per sample, s = the
+  # ratio-quantile of |x0| clipped to [1, max]; x0 -> clip(x0, -s, s) / s.
+  thresholding: bool = dataclasses.field(
+      default=False, metadata={"tag": lambda v, c: "_thr" if v else ""})
+  thresholding_ratio: float = dataclasses.field(
+      default=0.995, metadata={"tag": lambda v, c: f"{v:g}" if c.thresholding else ""})
+  thresholding_max: float = dataclasses.field(
+      default=1.5, metadata={"tag": lambda v, c: f"-{v:g}" if c.thresholding else ""})
 
   def tag(self) -> str:
     """e.g. "ancestral1000", "ddim100_eta0", "ddim50_eta0_cfg2": the options that matter."""
@@ -281,7 +291,17 @@ class SamplingSettings:
                         f"num_timesteps is {T})"),
         eta=r.float("eta", 0.0, 0.0, what="eta"),
         clip_denoised=r.bool("clip_denoised", True),
-        guidance_scale=r.float("guidance_scale", 0.0, what="the guidance weight"))
+        guidance_scale=r.float("guidance_scale", 0.0, what="the guidance weight"),
+        order=r.int("order", 2, 1, 3, what="the DPM-Solver++ order"),
+        thresholding=r.bool("thresholding", False),
+        thresholding_ratio=r.float("thresholding_ratio", 0.995, 0.0, 1.0, low_open=True,
+                                   what="the thresholding quantile"),
+        thresholding_max=r.float("thresholding_max", 1.5, 1.0,
+                                 what="the thresholding bound (1 is plain clipping)"))
+    if chain.thresholding and chain.sampler != "dpm_solver":
+      raise r.fail("thresholding", True, f"thresholding is used by the dpm_solver sampler only, "
+                   f"not by config.sampling.sampler={chain.sampler!r}; accepted: False, or "
+                   "sampler=dpm_solver")
     if chain.guidance_scale and not model.num_classes:
       raise r.fail("guidance_scale", chain.guidance_scale, "guidance needs a class-conditional "
                    "model (config.model.num_classes > 0); accepted: 0")

@@ -1,0 +1,224 @@
+"""Sample quality against the number of steps: ancestral (1000, respaced 100 and 50), DDIM
+(eta = 0) and DPM-Solver++ (orders 2 and 3) at 5, 10, 20 and 50 steps.
+
+    python benchmarks/sampler_quality.py --parts gmm                       # seconds to minutes
+    python main.py --config=configs/digits.py --workdir=/tmp/ddpm-digits   # train the model first
+    python benchmarks/sampler_quality.py --parts digits --workdir=/tmp/ddpm-digits
+
+Two measures, each on its own table row per (sampler, steps):
+- gmm: data from a 64-dimensional Gaussian mixture whose exact eps-predictor is the model, so
+  every error is the sampler's. Score: the 2-Wasserstein distance between each dimension's
+  sample marginal and the mixture's exact marginal (from its quantile function), averaged over
+  the 64 dimensions. `floor` is the same score of exact samples from the mixture: the
+  finite-sample level below which no sampler can go.
+- digits: a model trained with configs/digits.py (its EMA params, `--step` or the latest
+  checkpoint). Score: the Frechet distance between the samples and the training split in the
+  feature space of a small classifier (scikit-learn's MLPClassifier, one hidden layer of 64
+  ReLU units, fixed seed, trained on the digits' training split; the features are that
+  layer's activations). `floor` is the test split's distance (297 real images).
+
+Every sampler starts from the same x_T (the loops draw it from fold_in(key, 0)) and runs as one
+jitted lax.scan; `compile s` is timed on its own, `run s` is one run after it. NFE is the
+number of model evaluations. On a shared machine, compare times only within one run.
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import linalg
+from scipy.special import ndtr
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Report, device_line  # noqa: E402
+import ddpm_jax  # noqa: E402  (_common makes the repository importable)
+from ddpm_jax import sampling  # noqa: E402
+
+DIGITS_NUM_TRAIN = 1500  # scikit-learn's 1797 digits: the first 1500 are the training split
+
+
+def samplers(steps):
+  """[(name, order, num_steps)] of the table's rows."""
+  rows = [("ancestral", 0, 1000), ("ancestral", 0, 100), ("ancestral", 0, 50)]
+  for n in steps:
+    rows += [("ddim", 0, n), ("dpm_solver", 2, n), ("dpm_solver", 3, n)]
+  return rows
+
+
+def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
+  """keys -> x_0 for one row (not yet jitted)."""
+  T = sched.num_timesteps
+  kw = dict(clip_denoised=clip_denoised)
+  if name == "ancestral":
+    return lambda key: ddpm_jax.p_sample_loop(sched, model_fn, shape, key,
+                                              num_steps=None if num_steps == T else num_steps,
+                                              **kw)
+  if name == "ddim":
+    return lambda key: ddpm_jax.ddim_sample_loop(sched, model_fn, shape, key,
+                                                 num_steps=num_steps, **kw)
+  return lambda key: ddpm_jax.dpm_solver_sample_loop(sched, model_fn, shape, key,
+                                                     num_steps=num_steps, order=order, **kw)
+
+
+def run_rows(report, rows, make_chain, key, score):
+  report.header(f"{'sampler':<16} {'steps':>5} {'NFE':>5} {'compile s':>9} {'run s':>8} "
+                f"{'score':>8}")
+  for name, order, n in rows:
+    start = time.perf_counter()
+    compiled = jax.jit(make_chain(name, order, n)).lower(key).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    x = jax.block_until_ready(compiled(key))
+    run_s = time.perf_counter() - start
+    label = f"dpm_solver++({order})" if name == "dpm_solver" else name
+    report(f"{label:<16} {n:>5} {n:>5} {compile_s:>9.1f} {run_s:>8.2f} "
+           f"{score(np.asarray(x, np.float64)):>8.4f}")
+
+
+# ----------------------------------------------------------------------------- (a) exact
+
+
+class Mixture:
+  """A Gaussian mixture in `dims` dimensions with isotropic components (fixed seed)."""
+
+  def __init__(self, dims=64, components=8, seed=0):
+    rng = np.random.default_rng(seed)
+    self.w = rng.dirichlet(np.full(components, 2.0))
+    self.mu = rng.uniform(-0.7, 0.7, (components, dims))
+    self.std = rng.uniform(0.1, 0.3, components)
+
+  def sample(self, n, seed):
+    rng = np.random.default_rng(seed)
+    k = rng.choice(len(self.w), size=n, p=self.w)
+    return self.mu[k] + self.std[k, None] * rng.standard_normal((n, self.mu.shape[1]))
+
+  def eps_model(self, sched):
+    """The exact eps-predictor model_fn(x [B, D], t [B]) under `sched` (float32)."""
+    abar = jnp.asarray(np.cumprod(1.0 - np.asarray(sched.betas, np.float64)), jnp.float32)
+    w, mu, var0 = (jnp.asarray(a, jnp.float32) for a in (self.w, self.mu, self.std ** 2))
+
+    def model(x, t):
+      a, s2 = jnp.sqrt(abar[t])[:, None], (1.0 - abar[t])[:, None]  # [B, 1]
+      var = a ** 2 * var0[None] + s2  # [B, K]: each component's variance at t
+      diff = x[:, None, :] - a[:, :, None] * mu[None]  # [B, K, D]
+      logp = (jnp.log(w)[None] - 0.5 * jnp.sum(diff ** 2, -1) / var
+              - 0.5 * x.shape[-1] * jnp.log(var))
+      resp = jax.nn.softmax(logp, axis=-1)  # [B, K]
+      x0_k = mu[None] + (a * var0[None] / var)[..., None] * diff  # E[x0 | x_t, k]
+      x0 = jnp.einsum("bk,bkd->bd", resp, x0_k)
+      return (x - a * x0) / jnp.sqrt(s2)
+    return model
+
+  def marginal_w2(self, x):
+    """The 2-Wasserstein distance of each dimension's sample marginal to the exact one,
+    averaged over dimensions (the exact quantiles by inverting the CDF on a fine grid)."""
+    n, dims = x.shape
+    u = (np.arange(n) + 0.5) / n
+    grid = np.linspace(-3.0, 3.0, 30001)
+    out = []
+    for d in range(dims):
+      cdf = sum(w * ndtr((grid - m) / s) for w, m, s in zip(self.w, self.mu[:, d], self.std))
+      quantiles = np.interp(u, cdf, grid)
+      out.append(np.sqrt(np.mean((np.sort(x[:, d]) - quantiles) ** 2)))
+    return float(np.mean(out))
+
+
+def part_gmm(report, steps, num_samples):
+  mix = Mixture()
+  sched = ddpm_jax.make_schedule("linear", 1000)
+  model = mix.eps_model(sched)
+  shape = (num_samples, mix.mu.shape[1])
+  report(f"(a) 64-d Gaussian mixture (8 components, std 0.1-0.3), exact eps model, linear "
+         f"schedule T=1000, {num_samples} samples, clip_denoised=False; score: mean over "
+         f"dimensions of the marginals' W2; floor (exact samples): "
+         f"{mix.marginal_w2(mix.sample(num_samples, 1)):.4f}")
+  run_rows(report, samplers(steps),
+           lambda name, order, n: chain(sched, model, shape, name, order, n, False),
+           jax.random.key(0), mix.marginal_w2)
+
+
+# ----------------------------------------------------------------------------- (b) digits
+
+
+def digits_images():
+  """uint8 [1797, 64] and labels, scaled as ddpm_jax's digits pipeline does (0..16 -> 0..255)."""
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  return np.round(digits.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 64), digits.target
+
+
+class DigitsFrechet:
+  """Frechet distance to the digits' training split in an MLP classifier's hidden features."""
+
+  def __init__(self, seed=0):
+    from sklearn.neural_network import MLPClassifier
+    images, labels = digits_images()
+    x = images / 255.0
+    self.clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
+    self.clf.fit(x[:DIGITS_NUM_TRAIN], labels[:DIGITS_NUM_TRAIN])
+    self.test_accuracy = self.clf.score(x[DIGITS_NUM_TRAIN:], labels[DIGITS_NUM_TRAIN:])
+    self.ref = self.stats(self.features(x[:DIGITS_NUM_TRAIN]))
+    self.floor = self.distance(x[DIGITS_NUM_TRAIN:])
+
+  def features(self, x):
+    return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
+
+  @staticmethod
+  def stats(f):
+    return f.mean(0), np.cov(f, rowvar=False)
+
+  def distance(self, x):
+    """x: [N, 64] in [0, 1]."""
+    (m1, c1), (m2, c2) = self.stats(self.features(x)), self.ref
+    covmean = linalg.sqrtm(c1 @ c2).real
+    return float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2.0 * covmean))
+
+  def score_samples(self, x):
+    """Samples [N, 8, 8, 1] in [-1, 1], quantised to uint8 as --mode=sample writes them."""
+    pixels = np.clip(np.round((x + 1.0) * 127.5), 0, 255)
+    return self.distance(pixels.reshape(len(x), -1) / 255.0)
+
+
+def part_digits(report, steps, num_samples, workdir, step):
+  params, config = ddpm_jax.load(workdir, step=step)
+  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+  sched = sampling.schedule_from_config(config)
+  size, channels = config.data.image_size, config.data.num_channels
+  frechet = DigitsFrechet()
+  report(f"(b) digits model of {workdir} (configs/digits.py, checkpoint "
+         f"{step if step is not None else 'latest'}), {num_samples} samples, clip_denoised=True; "
+         f"score: Frechet distance to the train split in an MLP's 64 hidden features (test "
+         f"accuracy {frechet.test_accuracy:.3f}); floor (the 297 test images): "
+         f"{frechet.floor:.3f}")
+  shape = (num_samples, size, size, channels)
+  run_rows(report, samplers(steps),
+           lambda name, order, n: chain(sched, model_fn, shape, name, order, n, True),
+           jax.random.key(0), frechet.score_samples)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--parts", default="gmm,digits", help="gmm and/or digits")
+  parser.add_argument("--steps", default="5,10,20,50")
+  parser.add_argument("--gmm_samples", type=int, default=10000)
+  parser.add_argument("--digits_samples", type=int, default=500)
+  parser.add_argument("--workdir", default="/tmp/ddpm-digits", help="a configs/digits.py run")
+  parser.add_argument("--step", type=int, default=None, help="its checkpoint (default: latest)")
+  args = parser.parse_args()
+  steps = [int(s) for s in args.steps.split(",")]
+  report = Report("Sample quality against steps", packages=("scikit-learn",))
+  report(f"on {device_line()}")
+  parts = args.parts.split(",")
+  if "gmm" in parts:
+    part_gmm(report, steps, args.gmm_samples)
+  if "digits" in parts:
+    part_digits(report, steps, args.digits_samples, args.workdir, args.step)
+  report.save()
+
+
+if __name__ == "__main__":
+  main()
