@@ -35,7 +35,7 @@ from scipy.special import ndtr
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Report, device_line  # noqa: E402
 import ddpm_jax  # noqa: E402  (_common makes the repository importable)
-from ddpm_jax import sampling  # noqa: E402
+from ddpm_jax import sampling, settings  # noqa: E402
 
 DIGITS_NUM_TRAIN = 1500  # scikit-learn's 1797 digits: the first 1500 are the training split
 
@@ -184,9 +184,9 @@ class DigitsFrechet:
 
 def part_digits(report, steps, num_samples, workdir, step):
   params, config = ddpm_jax.load(workdir, step=step)
-  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model = settings.Settings.from_config(config).model.make_model()
   model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-  sched = sampling.schedule_from_config(config)
+  sched = settings.Settings.from_config(config).diffusion.make_schedule()
   size, channels = config.data.image_size, config.data.num_channels
   frechet = DigitsFrechet()
   report(f"(b) digits model of {workdir} (configs/digits.py, checkpoint "

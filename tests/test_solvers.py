@@ -15,7 +15,7 @@ import pytest
 from scipy.special import ndtr
 
 import ddpm_jax
-from ddpm_jax import generate, sampling
+from ddpm_jax import generate, sampling, settings
 from ddpm_jax.errors import UserError
 from tests.test_loop import smoke_config
 
@@ -172,7 +172,7 @@ def conditional():
   config = smoke_config(**{"model.num_classes": 3, "sampling.sampler": "dpm_solver",
                            "sampling.num_steps": 6, "sampling.order": 3,
                            "sampling.guidance_scale": 1.5, "sampling.batch_size": 8})
-  model = ddpm_jax.UNet(**sampling.model_kwargs(config))
+  model = settings.Settings.from_config(config).model.make_model()
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
       y=jnp.zeros((1,), jnp.int32)))["params"]
@@ -192,7 +192,7 @@ def test_sample_with_guidance_is_the_loop_on_1_and_8_devices(conditional):
   np.testing.assert_allclose(np.asarray(eight), np.asarray(one), rtol=0, atol=2e-5)
   labels = sampling.sample_labels(config, key, np.arange(8))
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(8))
-  sched = sampling.schedule_from_config(config)
+  sched = settings.Settings.from_config(config).diffusion.make_schedule()
   guided = sampling.guided_model_fn(model, params, jnp.asarray(labels), 1.5)
   loop = lambda order: np.clip(np.asarray(ddpm_jax.dpm_solver_sample_loop(
       sched, guided, (8, 8, 8, 1), keys, num_steps=6, order=order)), -1, 1)
@@ -206,7 +206,7 @@ def test_mode_sample_writes_the_same_images_into_a_directory_named_by_the_order(
                                                                                tmp_path):
   config, _, params = conditional
   directory = generate.generate(config, str(tmp_path), num_samples=8, step=0, params=params)
-  assert directory.name == "00000000_dpm_solver6_order3_cfg1.5"
+  assert directory.name == "00000000_dpm_solver6_cfg1.5_order3"
   images, labels = generate.read_samples(directory, 8)
   want = ddpm_jax.sample(params, generate.sample_key(config), config=config, num_samples=8)
   np.testing.assert_array_equal(images, np.round((np.asarray(want) + 1) * 127.5).astype(np.uint8))
@@ -242,5 +242,5 @@ def test_bad_loop_inputs_and_thresholding_with_another_sampler(conditional):
   _, _, params = conditional
   bad = smoke_config(**{"model.num_classes": 3, "sampling.sampler": "ddim",
                         "sampling.thresholding": True})
-  with pytest.raises(UserError, match="config.sampling.thresholding=True .*dpm_solver"):
+  with pytest.raises(UserError, match="config.sampling.thresholding=True.*dpm_solver"):
     ddpm_jax.sample(params, jax.random.PRNGKey(0), config=bad, num_samples=1)
