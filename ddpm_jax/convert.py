@@ -145,7 +145,6 @@ def build_config(unet_cfg: Dict[str, Any], sched_cfg: Dict[str, Any], src: str,
     config.sampling.num_steps = diffusion["num_timesteps"]
     return config
 
-  config = ml_collections.ConfigDict(config.to_dict())  # unlocked, our own copy
   image_size = size if size is not None else config.data.image_size
   want = {f"model.{k}": model[k] for k in MODEL_FIELDS if k != "attn_resolutions"}
   want["model.attn_resolutions"] = dm.attn_resolutions(attn_levels, image_size)
@@ -249,7 +248,7 @@ def main(argv):
   try:
     config = convert(FLAGS.src, FLAGS.workdir, FLAGS.config)
   except UserError as e:
-    print(f"Error: {e}", file=sys.stderr)
+    print(e, file=sys.stderr)  # the sentence alone, no traceback: the user's mistake
     sys.exit(1)
   m = config.model
   print(f"Converted {FLAGS.src} into {FLAGS.workdir} (step 0): ch={m.ch}, "
