@@ -105,8 +105,9 @@ def read_tensors(path: str) -> Dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except  (the library raises several kinds)
-    raise UserError(f"Cannot read {path} as safetensors ({type(e).__name__}: {e}); download it "
-                    "again, or save it with safe_serialization=True.") from e
+    raise UserError(f"Cannot read {path} as safetensors of float32/float16 tensors "
+                    f"({type(e).__name__}: {e}); download it again, or save the model with "
+                    "safe_serialization=True in float32.") from e
 
 
 def _base_config(size: int, channels: int) -> ml_collections.ConfigDict:
@@ -134,6 +135,13 @@ def build_config(unet_cfg: Dict[str, Any], sched_cfg: Dict[str, Any], src: str,
       unet_cfg, os.path.join(src, UNET_CONFIG))
   diffusion = dm.diffusion_from_scheduler_config(sched_cfg, os.path.join(src, SCHEDULER_CONFIG))
   clip = diffusion.pop("clip_denoised")
+  learned = diffusion["var_type"] == "learned_range"
+  if (model["out_channels"] == 2 * channels) != learned:
+    raise UserError(
+        f"{os.path.join(src, UNET_CONFIG)} has out_channels={model['out_channels']} for "
+        f"in_channels={channels} but {os.path.join(src, SCHEDULER_CONFIG)} has variance_type "
+        f"{sched_cfg.get('variance_type', 'fixed_small')!r}; a learned_range variance needs "
+        "twice the input channels out, a fixed variance as many as in.")
   if config is None:
     if size is None:
       raise UserError(f"{os.path.join(src, UNET_CONFIG)} gives no sample_size; pass the config "
@@ -154,7 +162,6 @@ def build_config(unet_cfg: Dict[str, Any], sched_cfg: Dict[str, Any], src: str,
   if diffusion["beta_schedule"] != "cosine":  # cosine ignores beta_start/beta_end
     want["diffusion.beta_start"] = diffusion["beta_start"]
     want["diffusion.beta_end"] = diffusion["beta_end"]
-  learned = diffusion["var_type"] == "learned_range"
   if learned or config.diffusion.var_type == "learned_range":
     want["diffusion.var_type"] = diffusion["var_type"]
   wrong = []

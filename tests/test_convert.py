@@ -244,6 +244,10 @@ def test_config_given_must_describe_the_weights(tmp_path):
     ("unet/config.json", {"num_class_embeds": 10}, r"num_class_embeds is 10"),
     ("unet/config.json", {"_class_name": "UNet2DConditionModel"}, r"only diffusers' UNet2DModel"),
     ("unet/config.json", {"out_channels": 3}, r"in_channels=1 and out_channels=3"),
+    ("unet/config.json", {"out_channels": 2}, r"out_channels=2 for in_channels=1 but .* "
+                                              r"variance_type 'fixed_large'; a learned_range"),
+    ("scheduler/scheduler_config.json", {"variance_type": "learned_range"},
+     r"out_channels=1 for in_channels=1 but .* variance_type 'learned_range'"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "laplace"},
      r"beta_schedule is 'laplace', which ddpm_jax cannot express; accepted: linear"),
     ("scheduler/scheduler_config.json", {"trained_betas": [0.1] * 20}, r"trained_betas is an explicit"),
