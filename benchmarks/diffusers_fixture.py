@@ -103,7 +103,9 @@ def main():
   if os.path.isdir(out):
     shutil.rmtree(out)
   scheduler = DDPMScheduler(**spec["scheduler"])
-  pipe = DDPMPipeline(unet=model.to(spec["dtype"]), scheduler=scheduler)
+  if spec["dtype"] != torch.float32:
+    model = model.to(spec["dtype"])  # exact: every weight was rounded to this dtype in build()
+  pipe = DDPMPipeline(unet=model, scheduler=scheduler)
   pipe.save_pretrained(out, safe_serialization=True)
 
   arrays = dict(x_t=x_t.permute(0, 2, 3, 1).numpy(), t=t.numpy().astype(np.int32),

@@ -105,8 +105,9 @@ def read_tensors(path: str) -> Dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except  (the library raises several kinds)
-    raise UserError(f"Cannot read {path} as safetensors ({type(e).__name__}: {e}); download it "
-                    "again, or save it with safe_serialization=True.") from e
+    raise UserError(f"Cannot read {path} as safetensors of float32/float16 tensors "
+                    f"({type(e).__name__}: {e}); download it again, or save the model with "
+                    "safe_serialization=True in float32.") from e
 
 
 def _base_config(size: int, channels: int) -> ml_collections.ConfigDict:
@@ -134,6 +135,13 @@ def build_config(unet_cfg: Dict[str, Any], sched_cfg: Dict[str, Any], src: str,
       unet_cfg, os.path.join(src, UNET_CONFIG))
   diffusion = dm.diffusion_from_scheduler_config(sched_cfg, os.path.join(src, SCHEDULER_CONFIG))
   clip = diffusion.pop("clip_denoised")
+  learned = diffusion["var_type"] == "learned_range"
+  if (model["out_channels"] == 2 * channels) != learned:
+    raise UserError(
+        f"{os.path.join(src, UNET_CONFIG)} has out_channels={model['out_channels']} for "
+        f"in_channels={channels} but {os.path.join(src, SCHEDULER_CONFIG)} has variance_type "
+        f"{sched_cfg.get('variance_type', 'fixed_small')!r}; a learned_range variance needs "
+        "twice the input channels out, a fixed variance as many as in.")
   if config is None:
     if size is None:
       raise UserError(f"{os.path.join(src, UNET_CONFIG)} gives no sample_size; pass the config "
@@ -145,7 +153,6 @@ def build_config(unet_cfg: Dict[str, Any], sched_cfg: Dict[str, Any], src: str,
     config.sampling.num_steps = diffusion["num_timesteps"]
     return config
 
-  config = ml_collections.ConfigDict(config.to_dict())  # unlocked, our own copy
   image_size = size if size is not None else config.data.image_size
   want = {f"model.{k}": model[k] for k in MODEL_FIELDS if k != "attn_resolutions"}
   want["model.attn_resolutions"] = dm.attn_resolutions(attn_levels, image_size)
@@ -155,7 +162,6 @@ def build_config(unet_cfg: Dict[str, Any], sched_cfg: Dict[str, Any], src: str,
   if diffusion["beta_schedule"] != "cosine":  # cosine ignores beta_start/beta_end
     want["diffusion.beta_start"] = diffusion["beta_start"]
     want["diffusion.beta_end"] = diffusion["beta_end"]
-  learned = diffusion["var_type"] == "learned_range"
   if learned or config.diffusion.var_type == "learned_range":
     want["diffusion.var_type"] = diffusion["var_type"]
   wrong = []
@@ -249,7 +255,7 @@ def main(argv):
   try:
     config = convert(FLAGS.src, FLAGS.workdir, FLAGS.config)
   except UserError as e:
-    print(f"Error: {e}", file=sys.stderr)
+    print(e, file=sys.stderr)  # the sentence alone, no traceback: the user's mistake
     sys.exit(1)
   m = config.model
   print(f"Converted {FLAGS.src} into {FLAGS.workdir} (step 0): ch={m.ch}, "

@@ -131,7 +131,7 @@ def model_from_unet_config(cfg: Dict[str, Any], path: str):
   head = c["attention_head_dim"]
   heads = {widths[i] for i in range(n) if attn_down[i]} | {widths[-1]}
   if head is not None and any(head != w for w in heads):
-    raise UserError(f"{_where(path, 'attention_head_dim')} is {head!r}, i.e. several attention "
+    raise UserError(f"{_where(path, 'attention_head_dim')} is {head!r}: several attention "
                     f"heads; the DDPM U-Net has one head per layer (attention_head_dim null or "
                     f"the layer's width, {sorted(heads)}).")
   in_ch, out_ch = int(c["in_channels"]), int(c["out_channels"])
