@@ -219,7 +219,8 @@ def convert(src: str, workdir: str, config: Optional[ml_collections.ConfigDict] 
   config = build_config(unet_cfg, sched_cfg, src, config)
   check_workdir(workdir)
   params = convert_params(read_tensors(weights_path), config, weights_path)
-  train.check_batch_size(config)  # a run that cannot resume is refused now, not at fine-tuning
+  # A run that could not resume (bad settings, a batch that does not divide) is refused now.
+  settings.validate(config, device_count=jax.device_count())
   state = _initial_state(config, params)
   # The checkpoint first, config.json last: a crash in between leaves no config.json, so the
   # directory is not mistaken for a complete run (and check_workdir names what to remove).
