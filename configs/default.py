@@ -4,6 +4,7 @@ Each dataset file starts with `config = default.get_config()` and overrides what
 Every field can be overridden on the command line, e.g. `--config.training.batch_size=256`.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,6 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 32
   data.num_channels = 3
   data.random_flip = True
+  # Your own images (docs/data.md): dataset "folder" (every image under path) or "npz" (a file).
+  data.path = config_dict.placeholder(str)  # the folder or .npz; local or gs://
+  data.labels_from = "none"  # "subfolders": a folder's first-level subfolders are the classes
+  data.eval_fraction = 0.02  # of a folder/npz held out as the "test" split, chosen by name
+  data.class_names = ()  # set by ddpm_jax.load from the run's classes.json; not an input
 
   # The U-Net of Ho et al. (2020): UNet(**config.model).
   config.model = model = ml_collections.ConfigDict()
