@@ -30,7 +30,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ddpm_jax.errors import UserError
+
 CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"  # a labelled folder's class names, beside config.json
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -115,6 +118,26 @@ def write_atomically(path: epath.Path, data) -> None:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def write_class_names(workdir: str, names: Tuple[str, ...]) -> None:
+  """Stores a labelled folder's class names in workdir/classes.json (process 0, atomically), or
+  refuses names that differ from those already stored (the labels would change meaning)."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  if path.exists():
+    stored = tuple(json.loads(path.read_text()))
+    if stored != tuple(names):
+      raise UserError(f"The classes of config.data.path ({', '.join(names)}) differ from the "
+                      f"run's ({', '.join(stored)}, in {path}); resume with the same classes or "
+                      "start a new --workdir.")
+  elif jax.process_index() == 0:
+    write_atomically(path, json.dumps(list(names), indent=1) + "\n")
+
+
+def read_class_names(workdir: str) -> Tuple[str, ...]:
+  """The class names in workdir/classes.json, () when the run has none."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  return tuple(json.loads(path.read_text())) if path.exists() else ()
 
 
 def _check_writable(root: epath.Path) -> None:
@@ -535,4 +558,5 @@ def load(workdir: str, *, step: Optional[int] = None) -> Tuple[Any, ml_collectio
                             f"{train_command(workdir)}`.")
   with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
     params = ckpt.restore_params_only(step)
+  config.data.class_names = read_class_names(workdir)  # for sample(..., labels="name")
   return params, config

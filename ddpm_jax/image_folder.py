@@ -103,7 +103,7 @@ def _inspect(path: str) -> tuple[str | None, tuple[int, int]]:
   if kind not in _FORMATS:
     return f"is {kind}, not PNG, JPEG, BMP or GIF", size
   if kind == "BMP" and mode in ("P", "1"):
-    return f"is a {mode} (palette or 1-bit) BMP, which is decoded wrongly; save it as PNG", size
+    return "is a palette or 1-bit BMP, which TensorFlow decodes as gray", size
   complete = {"PNG": tail[-8:-4] == b"IEND", "JPEG": b"\xff\xd9" in tail,
               "GIF": b";" in tail[-16:],
               "BMP": length >= int.from_bytes(head[2:6], "little")}[kind]
@@ -124,7 +124,7 @@ def check_folder(config: Any) -> None:
   for path, (problem, (w, h)) in zip(full, found):
     if problem:
       raise UserError(f"{path} {problem}; config.data.path must hold only complete PNG, JPEG, "
-                      "BMP or GIF images (remove or re-save it).")
+                      "BMP or GIF images (re-save it as PNG or remove it).")
     if min(w, h) < size:
       small.append((min(w, h), path))
   if small:

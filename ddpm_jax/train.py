@@ -330,6 +330,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if tc.get("eval_every", 0):  # built first: missing Inception weights stop the run at once
     evaluator = evaluation.TrainingEvaluator(config, workdir)
   config = checkpoint.write_or_check_config(workdir, config)
+  if names := data.class_names(config):  # a folder labelled by subfolders: load() returns them
+    checkpoint.write_class_names(workdir, names)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
