@@ -35,13 +35,13 @@ def open_source(config: Any, split: str) -> sources.Source:
   if not isinstance(split, str) or not split.isidentifier():
     raise UserError(f"split={split!r} must be a plain split name such as 'train' or 'test' "
                     "(hosts slice it themselves).")
+  if d.get("labels_from", "none") != "none" and d.dataset != "folder":
+    raise UserError(f"config.data.labels_from={d.labels_from!r} applies to dataset 'folder' "
+                    f"only; {d.dataset!r} brings its own labels (set it to 'none').")
   if d.dataset in sources.USER_DATASETS:
     if d.num_channels not in (1, 3):
       raise UserError(f"config.data.num_channels={d.num_channels!r}: dataset {d.dataset!r} "
                       "converts images to 1 (gray) or 3 (RGB) channels.")
-    if d.get("labels_from", "none") != "none" and d.dataset == "npz":
-      raise UserError(f"config.data.labels_from={d.labels_from!r} applies to folders; an npz "
-                      "gives its labels in its 'labels' array.")
     if d.dataset == "npz":
       return sources.open_npz(config, split)
     return image_folder.open_folder(config, split)

@@ -17,7 +17,7 @@ from PIL import Image
 
 import ddpm_jax
 from configs import default
-from ddpm_jax import data, errors, train
+from ddpm_jax import checkpoint, data, errors, train
 from tests.test_data import check_batch, check_global_batches, reference_resize, take, to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,6 +172,21 @@ def test_held_out_split_is_by_name_disjoint_and_stable(folder, tmp_path):
   assert got_test == test and sorted(got_train + got_test) == names
 
 
+def test_a_folder_behind_a_url_scheme(folder):
+  """TensorFlow's in-memory ram:// file system stands in for gs://: the same listing, checks
+  and pixels as the local copy."""
+  import tensorflow as tf
+  url = "ram://test_image_folder/images"
+  for rel, *_ in FILES:
+    tf.io.gfile.makedirs(os.path.dirname(f"{url}/{rel}"))
+    tf.io.gfile.copy(os.path.join(folder, rel), f"{url}/{rel}", overwrite=True)
+  local, remote = folder_config(folder), folder_config(url)
+  assert data.check_dataset(remote) == len(FILES)
+  a = next(data.eval_batches(local, "train", batch_size=8)[1])
+  b = next(data.eval_batches(remote, "train", batch_size=8)[1])
+  np.testing.assert_array_equal(a["image"], b["image"])
+
+
 def test_smaller_images_are_upsampled_with_a_warning(tmp_path, caplog):
   write_image(str(tmp_path / "small.png"), "PNG", "RGB", (5, 6), (10, 20, 30))
   write_image(str(tmp_path / "big.png"), "PNG", "RGB", (16, 16), (10, 20, 30))
@@ -257,6 +272,25 @@ def test_bad_npz_is_refused_in_one_sentence(tmp_path, case):
   config.data.dataset, config.model.num_classes = "npz", 2 if case == "labels" else 0
   with pytest.raises(errors.UserError, match=message):
     data.check_dataset(config)
+
+
+def test_labels_from_is_refused_for_other_datasets(tmp_path):
+  np.savez(tmp_path / "d.npz", images=np.zeros((2, 8, 8), np.uint8))
+  config = folder_config(str(tmp_path / "d.npz"), channels=1, labels_from="subfolders")
+  config.data.dataset = "npz"
+  with pytest.raises(errors.UserError, match=r"labels_from='subfolders' applies to dataset "
+                                             r"'folder' only; 'npz' brings its own labels"):
+    data.check_dataset(config)
+
+
+def test_class_names_are_stored_once_and_a_changed_set_is_refused(tmp_path):
+  checkpoint.write_class_names(str(tmp_path), ("cat", "dog"))
+  checkpoint.write_class_names(str(tmp_path), ("cat", "dog"))  # resuming: the same names
+  assert checkpoint.read_class_names(str(tmp_path)) == ("cat", "dog")
+  assert json.loads((tmp_path / "classes.json").read_text()) == ["cat", "dog"]
+  with pytest.raises(errors.UserError, match=r"\(cat, cow\) differ from the run's \(cat, dog"):
+    checkpoint.write_class_names(str(tmp_path), ("cat", "cow"))
+  assert checkpoint.read_class_names(str(tmp_path / "elsewhere")) == ()
 
 
 def test_a_bad_folder_stops_training_before_the_workdir_exists(tmp_path):
