@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Read by data.py; declared so that the command line can set them.
   data.pad_to_size = False  # True: zero-pad smaller fixed-size images (MNIST 28 -> 32)
   data.shuffle_buffer_size = 50_000  # encoded records in the shuffle buffer
+  # Your own images (docs/data.md): dataset "folder" (every image under path) or "npz" (a file).
+  data.path = config_dict.placeholder(str)  # the folder or .npz; local or gs://
+  data.labels_from = "none"  # "subfolders": a folder's first-level subfolders are the classes
+  data.eval_fraction = 0.02  # of a folder/npz held out as the "test" split, chosen by name
+  data.class_names = ()  # set by ddpm_jax.load from the run's classes.json; not an input
 
   # The U-Net of Ho et al. (2020): UNet(**config.model).
   config.model = model = ml_collections.ConfigDict()

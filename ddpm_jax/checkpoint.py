@@ -438,6 +438,7 @@ def load_with_step(workdir: str, *, step: Optional[int] = None
     raise UserError(f"Workdir {workdir} is not a directory; pass the --workdir of a "
                     "training run.")
   config = rundir.read_config(workdir)
+  config.data.class_names = rundir.read_class_names(workdir)  # for sample(..., labels="name")
   if not (root / CHECKPOINT_DIR).is_dir():
     raise MissingFileError(f"No checkpoint in {root / CHECKPOINT_DIR}; train first with `"
                            f"{train_command(workdir)}`.")

@@ -108,8 +108,8 @@ def bits_per_dim_on_split(config, params, *, split: Optional[str] = None,
                           num_examples: Optional[int] = None) -> dict:
   """The bound on `split` (default config.eval.split), over every host: see `summarize_bpd`.
 
-  num_examples (default config.eval.bpd_num_examples; 0 = all): with P hosts, host i evaluates
-  the first num_examples / P examples of its block of the split (one host: the split's first).
+  num_examples (default config.eval.bpd_num_examples; 0 = all): the split's first num_examples,
+  whatever the number of hosts (data.eval_batches).
   """
   e = config.eval
   split = e.split if split is None else split
@@ -117,28 +117,15 @@ def bits_per_dim_on_split(config, params, *, split: Optional[str] = None,
   if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
     raise UserError(f"eval.bpd_num_examples must be an integer >= 0 (0: the whole split), got "
                      f"{num_examples!r}.")
-  size = settings.check_dataset(config, split)
-  pc, pi = jax.process_count(), jax.process_index()
-  start, stop = data.host_block(size, pi, pc)
-  limit = stop - start
-  if num_examples:
-    limit = min(limit, num_examples // pc + (pi < num_examples % pc))
-  per_host = max(1, min(e.batch_size, limit)) if limit else max(1, e.batch_size)
-  batches = data.create_input_iter(config, split=split, per_host_batch_size=per_host,
-                                   seed=config.seed, repeat=False, shuffle=False)
-  results, seen = [], 0
+  num, batches = data.eval_batches(config, split, batch_size=e.batch_size, limit=num_examples)
   params = placement.replicate(params)  # on the devices once, not once per batch
-  progress = Progress(f"bits/dim on {split}", limit * pc, unit="ex")
+  progress = Progress(f"bits/dim on {split}", num, unit="ex")
+  results, seen = [], 0
   for batch in batches:
-    if seen >= limit:
-      break  # every host reads the same number of batches below, so none waits on another
-    keep = batch["mask"][:limit - seen]
-    index = start + seen + np.arange(len(keep))
-    out = bits_per_dim_batch(config, params, batch["image"][:len(keep)][keep],
-                             batch["label"][:len(keep)][keep], index[keep])
-    results.append(out)
-    seen += len(keep)
-    progress.update(seen * pc)
+    results.append(bits_per_dim_batch(config, params, batch["image"], batch["label"],
+                                      batch["index"]))
+    seen += len(batch["index"])
+    progress.update(seen * jax.process_count())
   local = {k: np.concatenate([r[k] for r in results]) if results else
            np.zeros((0,) + ((config.diffusion.num_timesteps,) if k == "terms_bpd" else ()))
            for k in ("total_bpd", "prior_bpd", "terms_bpd")}
@@ -187,25 +174,16 @@ def reference_statistics(config, workdir: str, variables, *, all_hosts: bool = T
   path = epath.Path(workdir) / "eval" / name
   if path.exists():
     return fid.load_statistics(os.fspath(path))
-  size = min(settings.check_dataset(config, e.fid_split), limit)
-  pc, pi = (jax.process_count(), jax.process_index()) if all_hosts else (1, 0)
-  start, stop = data.host_block(size, pi, pc)
-  batches = data.create_input_iter(config, split=e.fid_split, per_host_batch_size=e.batch_size,
-                                   seed=config.seed, repeat=False, shuffle=False,
-                                   process_index=pi, process_count=pc)
-  pools, seen = [], 0
+  hosts = {} if all_hosts else dict(process_index=0, process_count=1)
+  size, batches = data.eval_batches(config, e.fid_split, batch_size=e.batch_size, limit=limit,
+                                    **hosts)
   progress = Progress(f"FID reference ({e.fid_split})", size, unit="img")
-  # Host blocks of the first `size` examples: host i reads its block of the whole split, so the
-  # blocks of a limited reference are taken as the first examples of each host's block.
-  limit_here = stop - start
+  pools, seen = [], 0
   for batch in batches:
-    if seen >= limit_here:
-      break
-    keep = batch["mask"][:limit_here - seen]
-    pixels = np.round((batch["image"][:len(keep)][keep] + 1.0) * 127.5).astype(np.uint8)
+    pixels = np.round((batch["image"] + 1.0) * 127.5).astype(np.uint8)
     pools.append(_features(variables, pixels, e.batch_size)[0])
-    seen += len(keep)
-    progress.update(seen * pc)
+    seen += len(pixels)
+    progress.update(seen * (jax.process_count() if all_hosts else 1))
   pool = np.concatenate(pools)
   if all_hosts:
     pool = _gather_rows(pool.astype(np.float32))
@@ -321,11 +299,10 @@ class TrainingEvaluator:
     n = int(e.train_bpd_examples)
     self.batch = None
     if n > 0:
-      settings.check_dataset(config, e.split)
-      it = data.create_input_iter(config, split=e.split, per_host_batch_size=n, seed=config.seed,
-                                  repeat=False, shuffle=False, process_index=0, process_count=1)
-      batch = next(iter(it))
-      self.batch = {k: v[batch["mask"]] for k, v in batch.items()}
+      _, batches = data.eval_batches(config, e.split, batch_size=n, limit=n, process_index=0,
+                                     process_count=1)
+      parts = list(batches)
+      self.batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     self.num_fid = int(e.train_fid_samples)
     self.variables = load_inception(config) if self.num_fid > 0 else None
     self.reference = None
@@ -335,8 +312,7 @@ class TrainingEvaluator:
     out = {}
     if self.batch is not None:
       b = self.batch
-      r = bits_per_dim_batch(self.config, params, b["image"], b["label"],
-                             np.arange(len(b["image"])))
+      r = bits_per_dim_batch(self.config, params, b["image"], b["label"], b["index"])
       out["eval/bpd"] = float(r["total_bpd"].mean())
     if self.num_fid:
       if self.reference is None:

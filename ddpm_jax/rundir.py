@@ -2,6 +2,7 @@
 writes (checkpoints live in checkpoint.py).
 
     workdir/config.json     the run's full config (`config.to_json(indent=2, sort_keys=True)`)
+    workdir/classes.json    a folder labelled by its subfolders: the class names, label order
 
 A new run writes its config; a later command in the same workdir must agree with it on every
 field that decides what is trained or what a checkpoint means. Which fields those are follows
@@ -27,6 +28,7 @@ from ddpm_jax import settings
 from ddpm_jax.errors import MissingFileError, UserError
 
 CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"  # a labelled folder's class names, beside config.json
 _ABSENT = "<absent>"
 # The sections a --mode=sample/eval config file must agree on with the run (else it was written
 # for another run); its other fixed fields (training, optim, seed) are ignored there.
@@ -87,6 +89,26 @@ def write_atomically(path: epath.Path, data) -> None:
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def write_class_names(workdir: str, names) -> None:
+  """Stores a labelled folder's class names in workdir/classes.json (process 0, atomically), or
+  refuses names that differ from those already stored (the labels would change meaning)."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  if path.exists():
+    stored = tuple(json.loads(path.read_text()))
+    if stored != tuple(names):
+      raise UserError(f"The classes of config.data.path ({', '.join(names)}) differ from the "
+                      f"run's ({', '.join(stored)}, in {path}); resume with the same classes or "
+                      "start a new --workdir.")
+  elif jax.process_index() == 0:
+    write_atomically(path, json.dumps(list(names), indent=1) + "\n")
+
+
+def read_class_names(workdir: str) -> tuple:
+  """The class names in workdir/classes.json, () when the run has none."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  return tuple(json.loads(path.read_text())) if path.exists() else ()
 
 
 def _check_writable(root: epath.Path) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from ddpm_jax import checkpoint, diffusion, placement, rng, settings, solvers
 from ddpm_jax.errors import UserError
 from ddpm_jax.diffusion import ModelFn
+from ddpm_jax.errors import UserError
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.schedules import Schedule
 from ddpm_jax.settings import ChainSettings, DiffusionSettings, ModelSettings
@@ -268,6 +269,22 @@ def _labels(labels, keys, num_samples: int, num_classes: int):
   return labels.astype(np.int32)
 
 
+def _named_labels(labels, config):
+  """Class names (one str, or a sequence of str) -> their indices in config.data.class_names;
+  anything else is returned as it is."""
+  names = tuple(config.data.get("class_names", ()))
+  one = isinstance(labels, str)
+  if not one and not (isinstance(labels, (list, tuple)) and labels
+                      and all(isinstance(x, str) for x in labels)):
+    return labels
+  for name in [labels] if one else labels:
+    if name not in names:
+      raise UserError(f"labels={name!r} is not a class of this run; accepted: its class names "
+                      f"({', '.join(names) or 'none: it was not trained on labelled subfolders'})"
+                      " or their indices.")
+  return names.index(labels) if one else np.array([names.index(x) for x in labels])
+
+
 def sample_labels(config, key, index) -> np.ndarray:
   """int32 labels that `sample(..., labels=None)` draws for the samples of global `index` [N]."""
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
@@ -323,7 +340,8 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   to config.sampling (dpm_solver's thresholding is config.sampling's); dtype ("float32" | "bfloat16")
   to config.model.dtype.
   labels: class-conditional models only: one int or [num_samples] ints in [0, num_classes]
-  (num_classes is the null label); None draws each sample's label from its own key.
+  (num_classes is the null label), or class names of config.data.class_names (a run trained on
+  a folder labelled by subfolders); None draws each sample's label from its own key.
   guidance_scale: classifier-free guidance weight w (see `guided_model_fn`); 0 is none.
 
   Sample i is drawn from fold_in(key, first_index + i) alone (its x_T, its noise and its
@@ -351,7 +369,7 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   batch = placement.batch_sharding(devices)
   index = jnp.arange(first_index, first_index + num_samples)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
-  all_labels = _labels(labels, keys, num_samples, num_classes)
+  all_labels = _labels(_named_labels(labels, config), keys, num_samples, num_classes)
   images = []
   for start in range(0, num_samples, per_call):
     stop = min(start + per_call, num_samples)

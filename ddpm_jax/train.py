@@ -275,6 +275,8 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) 
   if tc.get("eval_every", 0):  # built first: missing Inception weights stop the run at once
     evaluator = evaluation.TrainingEvaluator(config, workdir)
   config = rundir.write_or_check_config(workdir, config)
+  if names := data.class_names(config):  # a folder labelled by subfolders: load() returns them
+    rundir.write_class_names(workdir, names)
   init_key, train_key, sample_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
   finished = None  # the newest step known to have finished on the device

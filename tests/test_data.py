@@ -7,14 +7,13 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import default
-from ddpm_jax import data
+from ddpm_jax import data, sources
 
 USE_CODE = tfds.testing.MockPolicy.USE_CODE  # no metadata files needed: works offline
 
@@ -146,25 +145,24 @@ def split_aware_as_dataset(num_examples, make_image):
 
 
 @pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("celeb_a", 16)])
-def test_tfds_host_shards_are_disjoint_and_cover_the_split(dataset, size):
+def test_tfds_eval_hosts_read_disjoint_blocks_covering_the_split(dataset, size):
   n, batch_size = 21, 4
   fn = split_aware_as_dataset(n, fake_image)
-  seen, num_batches = [], []
+  seen = []
   with tfds.testing.mock_data(policy=USE_CODE, as_dataset_fn=fn):
     for host in range(2):
-      batches = list(data.create_input_iter(
-          make_config(dataset, size, 3), split="test", per_host_batch_size=batch_size, seed=0,
-          process_index=host, process_count=2, repeat=False, shuffle=False))
-      num_batches.append(len(batches))
+      total, batches = data.eval_batches(make_config(dataset, size, 3), "test",
+                                         batch_size=batch_size, process_index=host,
+                                         process_count=2)
+      assert total == n
+      batches = list(batches)
       for b in batches:
-        check_batch({k: b[k] for k in ("image", "label")}, (batch_size, size, size, 3),
+        check_batch({k: b[k] for k in ("image", "label")}, (len(b["label"]), size, size, 3),
                     num_classes=10)
-        seen.append([index_of(im) for im in b["image"][b["mask"]]])
-  assert num_batches == [3, 3]  # ceil(ceil(21/2) / 4): hosts stay in step
-  host0 = [i for batch in seen[:3] for i in batch]
-  host1 = [i for batch in seen[3:] for i in batch]
-  assert host0 == list(range(10)) and host1 == list(range(10, 21))  # contiguous, in order
-  assert sorted(host0 + host1) == list(range(n))
+        assert [index_of(im) for im in b["image"]] == b["index"].tolist()
+      assert [len(b["label"]) for b in batches][:-1] == [batch_size] * (len(batches) - 1)
+      seen.append([i for b in batches for i in b["index"].tolist()])
+  assert seen == [list(range(10)), list(range(10, 21))]  # contiguous blocks, in order
 
 
 def test_tfds_train_hosts_keep_their_slice_of_each_global_batch():
@@ -208,14 +206,13 @@ def test_celeb_a_crop_resize_matches_reference():
   crop = image[39:39 + 140, 19:19 + 140]  # ((218 - 140) // 2, (178 - 140) // 2)
   expected = reference_resize(crop, 64)
 
-  got = data.celeb_a_crop_resize_float(tf.constant(image), 64).numpy()
+  got = sources.celeb_a_crop_resize_float(tf.constant(image), 64).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-3)
 
   # Through the whole pipeline (decode, crop, resize, round, scale); ties may round either way.
   fn = split_aware_as_dataset(2, lambda i, shape: image)
   with tfds.testing.mock_data(policy=USE_CODE, as_dataset_fn=fn):
-    batch = next(data.create_input_iter(make_config("celeb_a", 64, 3), per_host_batch_size=2,
-                                        seed=0, repeat=False, shuffle=False))
+    batch = next(data.eval_batches(make_config("celeb_a", 64, 3), "train", batch_size=2)[1])
   diff = np.abs(to_uint8(batch["image"][0]) - np.round(expected))
   assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
@@ -232,28 +229,32 @@ def digits_iter(**kw):
 def test_digits_test_split_is_the_last_297_images_once():
   from sklearn.datasets import load_digits
   digits = load_digits()
-  batches = list(digits_iter(split="test", per_host_batch_size=100, repeat=False, shuffle=False))
-  assert len(batches) == 3
+  total, batches = data.eval_batches(make_config(), "test", batch_size=100)
+  batches = list(batches)
+  assert total == 297 and [len(b["label"]) for b in batches] == [100, 100, 97]
   for b in batches:
-    check_batch({k: b[k] for k in ("image", "label")}, (100, 8, 8, 1), num_classes=10)
-  mask = np.concatenate([b["mask"] for b in batches])
-  assert mask.sum() == 297 and mask[:297].all()
-  images = np.concatenate([to_uint8(b["image"]) for b in batches])[:297, ..., 0]
-  labels = np.concatenate([b["label"] for b in batches])[:297]
+    check_batch({k: b[k] for k in ("image", "label")}, (len(b["label"]), 8, 8, 1), num_classes=10)
+  images = np.concatenate([to_uint8(b["image"]) for b in batches])[..., 0]
+  labels = np.concatenate([b["label"] for b in batches])
   np.testing.assert_array_equal(images, np.round(digits.images[-297:] * 255 / 16))
   np.testing.assert_array_equal(labels, digits.target[-297:])
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), np.arange(297))
 
 
-def test_digits_eval_shards_over_hosts_cover_each_example_once():
-  per_host = []
-  for host in range(3):
-    batches = list(digits_iter(split="test", per_host_batch_size=32, repeat=False,
-                               shuffle=False, process_index=host, process_count=3))
-    assert len(batches) == 4  # ceil(ceil(297/3) / 32) on every host
-    per_host.append(np.concatenate([b["label"][b["mask"]] for b in batches]))
-  assert [len(p) for p in per_host] == [99, 99, 99]
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_digits_eval_limit_is_the_same_examples_on_any_number_of_hosts(process_count):
+  """The first `limit` examples, each on exactly one host, whatever the host count."""
   from sklearn.datasets import load_digits
-  np.testing.assert_array_equal(np.concatenate(per_host), load_digits().target[-297:])
+  per_host = []
+  for host in range(process_count):
+    total, batches = data.eval_batches(make_config(), "test", batch_size=16, limit=50,
+                                       process_index=host, process_count=process_count)
+    assert total == 50
+    per_host.append([b for b in batches])
+  index = np.concatenate([b["index"] for host in per_host for b in host])
+  labels = np.concatenate([b["label"] for host in per_host for b in host])
+  np.testing.assert_array_equal(index, np.arange(50))
+  np.testing.assert_array_equal(labels, load_digits().target[-297:][:50])
 
 
 def test_digits_train_shapes_and_epochs_are_permutations():
@@ -332,13 +333,14 @@ def test_digits_flips_are_exact_mirrors_and_only_when_asked():
   mirror = (flipped == plain[:, :, ::-1]).all(axis=(1, 2, 3))
   assert (same | mirror).all()  # shuffling is independent of flipping: same order
   assert 0.3 < (mirror & ~same).mean() < 0.7
-  # Not on the test split, nor in one-pass (evaluation) iterators.
+  # Not on the test split, nor in evaluation reads.
   test_a = next(digits_iter(split="test", seed=1, random_flip=True))
   test_b = next(digits_iter(split="test", seed=1))
   np.testing.assert_array_equal(test_a["image"], test_b["image"])
-  once_a = next(digits_iter(seed=1, random_flip=True, repeat=False))
-  once_b = next(digits_iter(seed=1, repeat=False))
-  np.testing.assert_array_equal(once_a["image"], once_b["image"])
+  once = next(data.eval_batches(make_config(random_flip=True), "train", batch_size=64)[1])
+  from sklearn.datasets import load_digits
+  np.testing.assert_array_equal(to_uint8(once["image"])[..., 0],
+                                np.round(load_digits().images[:64] * 255 / 16))
 
 
 def test_digits_resize_to_image_size():
@@ -348,7 +350,7 @@ def test_digits_resize_to_image_size():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bad input and device helpers.
+# Bad input.
 
 
 def test_unknown_dataset_names_it_and_lists_accepted():
@@ -369,26 +371,6 @@ def test_dataset_not_prepared_says_how_to_prepare(tmp_path, name, hint):
     data.create_input_iter(config, per_host_batch_size=8, seed=0)
   message = str(info.value)
   assert hint in message and str(tmp_path) in message and "config.data.data_dir" in message
-
-
-def test_shard_for_devices():
-  batch = {"image": np.zeros((8, 4, 4, 1), np.float32), "label": np.arange(8, dtype=np.int32)}
-  sharded = data.shard_for_devices(batch, 4)
-  assert sharded["image"].shape == (4, 2, 4, 4, 1)
-  np.testing.assert_array_equal(sharded["label"], np.arange(8).reshape(4, 2))
-  with pytest.raises(ValueError, match="10 examples does not divide over 4 devices"):
-    data.shard_for_devices({"image": np.zeros((10, 2))}, 4)
-
-
-def test_prefetch_to_device_keeps_values_and_order():
-  devices = jax.local_devices()
-  batches = [data.shard_for_devices({"x": np.full((len(devices) * 2, 3), i, np.float32)},
-                                    len(devices)) for i in range(4)]
-  out = list(data.prefetch_to_device(iter(batches), 2, devices))
-  assert len(out) == 4
-  for i, item in enumerate(out):
-    assert isinstance(item["x"], jax.Array) and item["x"].shape == (len(devices), 2, 3)
-    np.testing.assert_array_equal(np.asarray(item["x"]), batches[i]["x"])
 
 
 def test_tensorflow_is_imported_only_by_the_input_pipeline():

@@ -300,9 +300,7 @@ def test_in_training_evaluation_writes_bits_per_dim(run):
   params, config = ddpm_jax.load(run, step=3)
   with open(os.path.join(run, "eval", "00000003.json")) as f:
     logged = json.load(f)["training_eval"]["eval/bpd"]
-  it = ddpm_jax.data.create_input_iter(config, split="test", per_host_batch_size=64, seed=0,
-                                       repeat=False, shuffle=False)
-  batch = next(iter(it))
+  batch = next(ddpm_jax.data.eval_batches(config, "test", batch_size=64)[1])
   want = evaluation.bits_per_dim_batch(config, params, batch["image"], batch["label"],
                                        np.arange(64))["total_bpd"].mean()
   assert logged == pytest.approx(float(want), rel=1e-5)
@@ -339,9 +337,7 @@ def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
   assert len(result["terms_bpd"]) == 20 and np.isfinite(result["bpd"])
   params, _ = ddpm_jax.load(run)
   test = smoke_config()
-  it = ddpm_jax.data.create_input_iter(test, split="test", per_host_batch_size=10, seed=0,
-                                       repeat=False, shuffle=False)
-  batch = next(iter(it))
+  batch = next(ddpm_jax.data.eval_batches(test, "test", batch_size=10)[1])
   per_example = evaluation.bits_per_dim_batch(test, params, batch["image"], batch["label"],
                                               np.arange(10))["total_bpd"]
   assert result["bpd"] == pytest.approx(per_example.mean(), rel=1e-5)
