@@ -49,6 +49,10 @@ class DataSettings:
   pad_to_size: bool  # zero-pad smaller fixed-size images to S instead of resizing
   shuffle_buffer_size: int  # encoded records in the shuffle buffer
   data_dir: Optional[str] = changeable()  # tfds data_dir; None: tfds' default
+  # dataset "folder" / "npz": where the images are (moving them keeps the run's data)
+  path: Optional[str] = changeable()
+  labels_from: str = "none"  # "subfolders": a folder's first-level subfolders are its classes
+  eval_fraction: float = 0.02  # of a folder/npz held out as the "test" split
 
   section_changeable = False
 
@@ -70,7 +74,11 @@ class DataSettings:
                pad_to_size=r.bool("pad_to_size", False),
                shuffle_buffer_size=r.int("shuffle_buffer_size", 50_000, 1,
                                          what="the shuffle buffer"),
-               data_dir=r.text("data_dir", None))
+               data_dir=r.text("data_dir", None),
+               path=r.text("path", None),
+               labels_from=r.choice("labels_from", "none", ("none", "subfolders")),
+               eval_fraction=r.float("eval_fraction", 0.02, 0.0, 1.0, high_open=True,
+                                     what="the held-out fraction"))
 
 
 @dataclasses.dataclass(frozen=True)
