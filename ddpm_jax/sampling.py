@@ -337,8 +337,8 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   params: the (EMA) parameters, e.g. from `ddpm_jax.load(workdir)`; config: that run's config.
   sampler ("ancestral" | "ddim" | "dpm_solver"), num_steps (in [1, T]; < T respaces the
   chain), eta (DDIM), order (DPM-Solver++: 1, 2 or 3), guidance_scale and num_samples default
-  to config.sampling (dpm_solver's thresholding is config.sampling's); dtype ("float32" | "bfloat16")
-  to config.model.dtype.
+  to config.sampling (dpm_solver's thresholding is config.sampling's); dtype
+  ("float32" | "bfloat16") to config.model.dtype.
   labels: class-conditional models only: one int or [num_samples] ints in [0, num_classes]
   (num_classes is the null label), or class names of config.data.class_names (a run trained on
   a folder labelled by subfolders); None draws each sample's label from its own key.

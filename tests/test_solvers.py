@@ -58,8 +58,9 @@ def test_equals_diffusers_dpmsolver_plus_plus(reference, schedule, prediction):
     for k in (1, 2, 3):
       got = ddpm_jax.dpm_solver_sample_loop(sched, model, x_T.shape, None, num_steps=n, order=k,
                                             x_T=x_T, mean_type=prediction, clip_denoised=False)
-      np.testing.assert_allclose(np.asarray(got), reference[f"x0_{schedule}_{prediction}_o{k}_n{n}"],
-                                 rtol=0, atol=1e-3, err_msg=f"order {k}, {n} steps")
+      want = reference[f"x0_{schedule}_{prediction}_o{k}_n{n}"]
+      np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-3,
+                                 err_msg=f"order {k}, {n} steps")
 
 
 # ----------------------------------------------------------------------------- exact answer
@@ -111,7 +112,7 @@ def test_order_1_is_ddim_eta0_on_the_same_timesteps_and_learned_range_uses_the_m
   sched = ddpm_jax.make_schedule("linear", T)
   model = mixture_eps_model(abar64("linear"))
   shape, key = (64, 1), jax.random.key(1)
-  for n in (1, 7, 25):
+  for n in (1, 7):
     dpm = ddpm_jax.dpm_solver_sample_loop(sched, model, shape, key, num_steps=n, order=1)
     ddim = ddpm_jax.ddim_sample_loop(sched, model, shape, key, eta=0.0, num_steps=None,
                                      timesteps=ddpm_jax.dpm_solver_timesteps(T, n))
