@@ -295,6 +295,7 @@ def test_class_names_are_stored_once_and_a_changed_set_is_refused(tmp_path):
 
 def test_a_bad_folder_stops_training_before_the_workdir_exists(tmp_path):
   config = folder_config(str(tmp_path / "nowhere"))
+  config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)  # a model that fits 8x8
   with pytest.raises(errors.MissingFileError, match="is not a folder"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
