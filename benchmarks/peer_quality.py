@@ -9,8 +9,11 @@ over JSON lines on its stdin/stdout; they exchange .npz files (the data and the 
     python benchmarks/peer_quality.py --peer_python venv-peer/bin/python \\
         [--peer_pythonpath path/to/torchvision-shim] [--sizes 8,32] [--steps 1000]
     python benchmarks/peer_quality.py --peer_python ... --sections speed   # timing only, quick
-    python benchmarks/peer_quality.py --no_peer --sizes 8 \\
+    python benchmarks/peer_quality.py --no_peer --sequential --sizes 8 --steps 300 \\
         --variants "eps:diffusion.mean_type=eps;v:diffusion.mean_type=v"    # ablations of ours
+
+On a loaded machine add --peer_threads 1: torch's OpenMP threads spin-wait for each other and
+slow LDP down several times over when other processes hold the cores.
 
 What each side gets (sizes 8: scikit-learn's 8x8 digits; 32: the same digits upsampled
 bilinearly to 32x32, so the models have three levels and attention):
