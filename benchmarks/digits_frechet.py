@@ -15,6 +15,8 @@ Images larger than 8x8 (the 32x32 upsampled digits) are average-pooled back to 8
 classifier sees them. Runs wherever NumPy, SciPy and scikit-learn are installed (both the
 project's environment and the peer's).
 """
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -58,7 +60,9 @@ def to_vectors(images):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
   """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64."""
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+  with warnings.catch_warnings():  # a singular product is handled below
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
   if not np.isfinite(covmean).all():  # singular product: regularise, as FID's reference code does
     eps = 1e-6 * np.eye(len(mu1))
     covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))

@@ -9,8 +9,11 @@ over JSON lines on its stdin/stdout; they exchange .npz files (the data and the 
     python benchmarks/peer_quality.py --peer_python venv-peer/bin/python \\
         [--peer_pythonpath path/to/torchvision-shim] [--sizes 8,32] [--steps 1000]
     python benchmarks/peer_quality.py --peer_python ... --sections speed   # timing only, quick
-    python benchmarks/peer_quality.py --no_peer --sizes 8 \\
+    python benchmarks/peer_quality.py --no_peer --sequential --sizes 8 --steps 300 \\
         --variants "eps:diffusion.mean_type=eps;v:diffusion.mean_type=v"    # ablations of ours
+
+On a loaded machine add --peer_threads 1: torch's OpenMP threads spin-wait for each other and
+slow LDP down several times over when other processes hold the cores.
 
 What each side gets (sizes 8: scikit-learn's 8x8 digits; 32: the same digits upsampled
 bilinearly to 32x32, so the models have three levels and attention):
@@ -118,7 +121,7 @@ class PeerModel:
       self.ema.update()
     return {"seconds": time.perf_counter() - start, "loss": loss.item()}
 
-  def sample(self, n, ddim_steps, batch, out):
+  def sample(self, n, ddim_steps, batch, out, timed=True):
     torch = self.torch
     model = self.ema.ema_model
     model.eval()
@@ -240,7 +243,7 @@ class OursModel:
     loss = float(self.par.get(metrics)["loss"])  # waits for the last step
     return {"seconds": time.perf_counter() - start, "loss": loss}
 
-  def sample(self, n, ddim_steps, batch, out):
+  def sample(self, n, ddim_steps, batch, out, timed=True):
     from ddpm_jax import sampling
     ema = self.par.get(self.state.ema_params[0])
     self.config.sampling.batch_size = batch
@@ -248,10 +251,12 @@ class OursModel:
                                                sampler="ddim", num_steps=ddim_steps, eta=0.0))
     key = self.jax.random.PRNGKey(self.config.seed + 1)
     # The first call compiles: time a second one (sampling is cheap next to training here).
-    run(key)
-    start = time.perf_counter()
     images = run(key)
-    seconds = time.perf_counter() - start
+    seconds = 0.0
+    if timed:
+      start = time.perf_counter()
+      images = run(key)
+      seconds = time.perf_counter() - start
     np.savez(out, images=digits_frechet.to_uint8(images))
     return {"seconds": seconds}
 
@@ -269,84 +274,106 @@ def grid_png(images, path, cols=16):
                             Image.NEAREST).save(path)
 
 
+HEADER = (f"{'model':<28}{'s/step':>8}{'img/s':>8}{'sample img/s':>14}{'Frechet':>9}"
+          f"{'mean px':>9}")
+
+
+def call(model, op, **kw):
+  """op on ours (a method) or on the peer (a command to its worker)."""
+  return model(op, **kw) if isinstance(model, Peer) else getattr(model, op)(**kw)
+
+
+def train_in_turns(args, models, say):
+  """Trains every model args.steps steps, in chunks taking turns; {name: timing and loss}."""
+  results = {name: {"train_s": 0.0} for name in models}
+  for m in models.values():  # a warm-up chunk (compilation), untimed, counted in the budget
+    call(m, "train", steps=args.warmup)
+  done = args.warmup
+  while done < args.steps:
+    n = min(args.chunk, args.steps - done)
+    for name, m in models.items():
+      r = call(m, "train", steps=n)
+      results[name]["train_s"] += r["seconds"]
+      results[name]["loss"] = r["loss"]
+    done += n
+    say(f"  step {done}: " + ", ".join(f"{k} loss {v['loss']:.4f}" for k, v in results.items()))
+  return results
+
+
+def sample_and_score(args, size, name, model, result, scorer, workdir, say):
+  """Samples with DDIM, writes the .npz and a grid PNG, prints the model's row."""
+  out = os.path.join(workdir, f"samples{size}_{name.replace(' ', '_')}.npz")
+  r = call(model, "sample", n=args.samples, ddim_steps=args.ddim_steps,
+           batch=args.sample_batch, out=out, timed=not args.sequential)
+  images = np.load(out)["images"]
+  grid_png(images, out[:-4] + ".png")
+  s_step = result["train_s"] / max(args.steps - args.warmup, 1)
+  sample_ips = f"{args.samples / r['seconds']:>14.1f}" if r["seconds"] else f"{'-':>14}"
+  say(f"{name:<28}{s_step:>8.3f}{args.batch / s_step:>8.1f}{sample_ips}"
+      f"{scorer.distance(images):>9.2f}{float(images.mean()):>9.1f}")
+
+
+def speed(args, models, say):
+  """s/step of every model, rounds of args.speed_steps steps taking turns; the ratios."""
+  say(f"  train step, {args.speed_rounds} rounds of {args.speed_steps} steps taking turns, "
+      f"after warm-up")
+  times = {name: [] for name in models}
+  for m in models.values():
+    call(m, "train", steps=args.warmup)
+  for _ in range(args.speed_rounds):
+    for name, m in models.items():
+      times[name].append(call(m, "train", steps=args.speed_steps)["seconds"] / args.speed_steps)
+  for name, t in times.items():
+    med, best = float(np.median(t)), min(t)
+    say(f"  {name:<26} median {med:.4f} s/step ({args.batch / med:.1f} img/s), "
+        f"best {best:.4f} s/step ({args.batch / best:.1f} img/s)")
+  for name in times:
+    if "LDP" in times and name != "LDP":
+      say(f"  img/s {name} / LDP: median {np.median(times['LDP']) / np.median(times[name]):.2f}x"
+          f", best {min(times['LDP']) / min(times[name]):.2f}x")
+
+
 def run_size(args, size, scorer, workdir, say):
   data = data_npz(size, workdir)
   common = dict(size=size, batch=args.batch, lr=args.lr, seed=args.seed, data=data)
-  models = {}
-  for name, overrides in args.variants:
-    models[f"ours {name}".strip()] = OursModel(args.config, steps=args.steps,
-                                               overrides=overrides, **common)
-  if args.peer_python:
-    peer = Peer(args.peer_python, args.peer_pythonpath)
-    info = peer("setup", dim=args.peer_dim, timesteps=1000, threads=args.peer_threads, **common)
-    models["LDP"] = peer
-  say(f"\n{size}x{size} digits: batch {args.batch}, lr {args.lr:g}, DDIM {args.ddim_steps} "
-      f"steps (eta 0), {args.samples} samples per model")
-  for name, m in models.items():
-    d = info if name == "LDP" else m.describe()
-    extra = f", {d['threads']} torch threads, LDP {d['version']}" if name == "LDP" else ""
-    say(f"  {name}: {d['params']:,} parameters, forward {d['gflop']:.3f} GFLOP at batch "
-        f"{args.batch}{extra}")
-
-  call = lambda name, op, **kw: (models[name](op, **kw) if name == "LDP"
-                                 else getattr(models[name], op)(**kw))
-  results = {name: {"train_s": 0.0, "train_steps": 0} for name in models}
+  ours = {f"ours {name}".strip(): (lambda o=overrides: OursModel(
+      args.config, steps=args.steps, overrides=o, **common)) for name, overrides in args.variants}
+  say(f"\n{size}x{size} digits: batch {args.batch}, lr {args.lr:g}, {args.steps} steps, DDIM "
+      f"{args.ddim_steps} steps (eta 0), {args.samples} samples per model")
+  if args.sequential:  # ablations of ours: one model at a time, its row as soon as it is done
+    say(HEADER)
+    say("-" * len(HEADER))
+    for name, make in ours.items():
+      model = make()
+      result = train_in_turns(args, {name: model}, lambda line: None)[name]
+      sample_and_score(args, size, name, model, result, scorer, workdir, say)
+      del model
+  else:
+    models = {name: make() for name, make in ours.items()}
+    if args.peer_python:
+      peer = Peer(args.peer_python, args.peer_pythonpath)
+      info = peer("setup", dim=args.peer_dim, timesteps=1000, threads=args.peer_threads,
+                  **common)
+      models["LDP"] = peer
+    for name, m in models.items():
+      d = info if name == "LDP" else m.describe()
+      extra = f", {d['threads']} torch threads, LDP {d['version']}" if name == "LDP" else ""
+      say(f"  {name}: {d['params']:,} parameters, forward {d['gflop']:.3f} GFLOP at batch "
+          f"{args.batch}{extra}")
+    if "quality" in args.sections:
+      results = train_in_turns(args, models, say)
+      say(HEADER)
+      say("-" * len(HEADER))
+      for name, m in models.items():
+        sample_and_score(args, size, name, m, results[name], scorer, workdir, say)
+    if "speed" in args.sections:
+      speed(args, models, say)
+    if args.peer_python:
+      peer.close()
   if "quality" in args.sections:
-    for name in models:  # warm-up chunk (compilation) untimed, counted in the budget
-      r = call(name, "train", steps=args.warmup)
-      results[name]["train_steps"] += args.warmup
-    done = args.warmup
-    while done < args.steps:
-      n = min(args.chunk, args.steps - done)
-      for name in models:
-        r = call(name, "train", steps=n)
-        results[name]["train_s"] += r["seconds"]
-        results[name]["train_steps"] += n
-        results[name]["loss"] = r["loss"]
-      done += n
-      say(f"  step {done}: " + ", ".join(f"{k} loss {v['loss']:.4f}" for k, v in results.items()))
-    header = (f"{'model':<28}{'s/step':>8}{'img/s':>8}{'sample img/s':>14}{'Frechet':>9}"
-              f"{'mean px':>9}")
-    say(header)
-    say("-" * len(header))
-    for name in models:
-      out = os.path.join(workdir, f"samples{size}_{name.replace(' ', '_')}.npz")
-      r = call(name, "sample", n=args.samples, ddim_steps=args.ddim_steps,
-               batch=args.sample_batch, out=out)
-      images = np.load(out)["images"]
-      grid_png(images, out[:-4] + ".png")
-      res = results[name]
-      timed = res["train_steps"] - args.warmup
-      s_step = res["train_s"] / max(timed, 1)
-      res.update(fd=scorer.distance(images), mean=float(images.mean()),
-                 sample_ips=args.samples / r["seconds"], s_step=s_step)
-      say(f"{name:<28}{s_step:>8.3f}{args.batch / s_step:>8.1f}{res['sample_ips']:>14.1f}"
-          f"{res['fd']:>9.2f}{res['mean']:>9.1f}")
     held_out = scorer.test_x if size == 8 else digits_frechet.upsample(scorer.test_x, size)
     say(f"{'held-out digits (floor)':<28}{'':>8}{'':>8}{'':>14}{scorer.floor(size):>9.2f}"
         f"{float(held_out.mean()):>9.1f}")
-  if "speed" in args.sections:
-    say(f"  train step, {args.speed_rounds} rounds of {args.speed_steps} steps taking turns, "
-        f"after {args.warmup} warm-up steps each")
-    times = {name: [] for name in models}
-    if "quality" not in args.sections:
-      for name in models:
-        call(name, "train", steps=args.warmup)
-    for _ in range(args.speed_rounds):
-      for name in models:
-        times[name].append(call(name, "train", steps=args.speed_steps)["seconds"]
-                           / args.speed_steps)
-    for name, t in times.items():
-      med, best = float(np.median(t)), min(t)
-      say(f"  {name:<26} median {med:.4f} s/step ({args.batch / med:.1f} img/s), "
-          f"best {best:.4f} s/step ({args.batch / best:.1f} img/s)")
-    if "LDP" in times:
-      for name in times:
-        if name != "LDP":
-          say(f"  img/s {name} / LDP: median {np.median(times['LDP']) / np.median(times[name]):.2f}x"
-              f", best {min(times['LDP']) / min(times[name]):.2f}x")
-  if args.peer_python:
-    peer.close()
 
 
 def main():
@@ -375,6 +402,9 @@ def main():
   p.add_argument("--ddim_steps", type=int, default=50)
   p.add_argument("--speed_rounds", type=int, default=5)
   p.add_argument("--speed_steps", type=int, default=5)
+  p.add_argument("--sequential", action="store_true",
+                 help="ablations of ours (with --no_peer): train, sample and score one variant "
+                      "after another, printing each row when done; sampling is not timed")
   p.add_argument("--workdir", default="", help="keeps the data, samples and grids")
   p.add_argument("--no_save", action="store_true", help="do not append to BENCHMARKS.md")
   args = p.parse_args()
