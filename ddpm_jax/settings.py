@@ -211,6 +211,7 @@ class TrainingSettings:
   batch_size: int  # global, over every device of every host
   ema_decays: Tuple[float, ...]  # (ema_decay, *extra_ema_decays): the first is sampled from
   label_dropout: float  # P(null label) for classifier-free guidance
+  ema_warmup: bool  # the EMA's decay warms up: min(decay, (1 + k) / (10 + k)) at step k
   num_train_steps: int = changeable()
   log_every: int = changeable()
   checkpoint_every: int = changeable()
@@ -231,6 +232,7 @@ class TrainingSettings:
     t = cls(batch_size=r.int("batch_size", 128, 1, what="the global batch size"),
             ema_decays=(decay,) + tuple(float(x) for x in extra),
             label_dropout=r.float("label_dropout", 0.1, 0.0, 1.0, what="a probability"),
+            ema_warmup=r.bool("ema_warmup", False),
             num_train_steps=r.int("num_train_steps", 0, 0, what="the number of steps"),
             log_every=r.int("log_every", 100, 1, what="the logging interval"),
             checkpoint_every=r.int("checkpoint_every", 10_000, 1,

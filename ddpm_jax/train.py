@@ -136,7 +136,7 @@ def make_train_step(config) -> Callable:
   tx = make_optimizer(config)
   lr_fn = learning_rate_fn(config)
   decays = ema_decays(config)
-  ema_warmup = bool(config.training.get("ema_warmup", False))
+  ema_warmup = s.training.ema_warmup
   d = config.diffusion
   diffusion.check_options(d.mean_type, d.var_type, d.loss_type)
   loss_weight = (diffusion.min_snr_loss_weight(sched, d.min_snr_gamma, d.mean_type)
