@@ -36,7 +36,7 @@ from scipy.special import ndtr
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Report, device_line  # noqa: E402
 import ddpm_jax  # noqa: E402  (_common makes the repository importable)
-from ddpm_jax import sampling, settings  # noqa: E402
+from ddpm_jax import settings  # noqa: E402
 
 DIGITS_NUM_TRAIN = 1500  # scikit-learn's 1797 digits: the first 1500 are the training split
 

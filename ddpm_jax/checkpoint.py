@@ -18,7 +18,6 @@ writes config.json. `load` is process-local and may be called by any subset.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 

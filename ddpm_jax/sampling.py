@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import checkpoint, diffusion, placement, rng, settings, solvers
-from ddpm_jax.errors import UserError
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.errors import UserError
 from ddpm_jax.respace import respace, space_timesteps

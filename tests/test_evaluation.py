@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import checkpoint, evaluation, generate, rundir, sampling, settings, train
+from ddpm_jax import evaluation, generate, rundir, sampling, settings, train
 from ddpm_jax.errors import UserError
 from tests.test_checkpoint import damage
 from tests.test_loop import ROOT, smoke_config

@@ -17,7 +17,7 @@ from PIL import Image
 
 import ddpm_jax
 from configs import default
-from ddpm_jax import checkpoint, data, errors, rundir, train
+from ddpm_jax import data, errors, rundir, train
 from tests.test_data import check_batch, check_global_batches, reference_resize, take, to_uint8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
