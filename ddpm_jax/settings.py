@@ -343,9 +343,12 @@ class EvalSettings:
     metrics = r.raw("metrics", METRICS)
     if isinstance(metrics, str):
       metrics = (metrics,)
-    if not isinstance(metrics, (list, tuple)) or not metrics or any(
-        m not in METRICS for m in metrics):
+    if not isinstance(metrics, (list, tuple)) or not metrics:
       raise r.fail("metrics", metrics, f"accepted: a non-empty tuple of {', '.join(METRICS)}")
+    for m in metrics:
+      if m not in METRICS:
+        raise r.fail("metrics", tuple(metrics),
+                     f"Unknown eval metric {m!r}; accepted: {', '.join(METRICS)}")
     return cls(metrics=tuple(metrics),
                split=r.text("split", "test"),
                bpd_num_examples=r.int("bpd_num_examples", 0, 0,
