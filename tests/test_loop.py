@@ -274,6 +274,7 @@ def test_bad_input(tmp_path):
   assert not os.path.exists(tmp_path / "b" / "config.json")  # refused before writing anything
   not_prepared = smoke_config(**{"data.dataset": "cifar10", "data.image_size": 32,
                                  "data.num_channels": 3, "model.out_channels": 3,
+                                 "model.attn_resolutions": (16,),  # a resolution at 32x32
                                  "data.data_dir": str(tmp_path / "no_data")})
   with pytest.raises(Exception, match=r"tfds build cifar10"):
     train.train_and_evaluate(not_prepared, str(tmp_path / "c"))
