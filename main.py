@@ -234,6 +234,9 @@ def report_user_errors(fn: Callable[[], Any]) -> Any:
   except UserError as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(USER_ERROR_STATUS)
+  except KeyboardInterrupt:  # Ctrl-C before the train loop's handler (imports, checks): no save
+    sys.stderr.write("Interrupted (Ctrl-C) before training started; nothing was saved.\n")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -14,3 +14,7 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
   """A file or directory the user named (or that the run needs) does not exist."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+  """The loss or gradient became NaN/Inf: the run stopped, its last good checkpoint kept."""

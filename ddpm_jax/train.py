@@ -24,7 +24,7 @@ from absl import logging
 from flax import struct
 
 from ddpm_jax import checkpoint, data, diffusion, evaluation, placement, rundir, sampling, settings
-from ddpm_jax.errors import UserError
+from ddpm_jax.errors import NonFiniteLossError, UserError
 from ddpm_jax.preemption import Interrupted, Preemption
 from ddpm_jax.reporting import Reporter
 
@@ -260,7 +260,7 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) 
   training.log_every steps, and prints a progress line at least every `progress_every_s`
   seconds between them; writes an EMA sample grid every training.sample_every steps.
   SIGTERM or Ctrl-C saves the step the loop is on and raises `Interrupted` (see its
-  exit_status). A non-finite loss stops the run with FloatingPointError; the bad update is
+  exit_status). A non-finite loss stops the run with NonFiniteLossError (a FloatingPointError and UserError); the bad update is
   never applied, so no checkpoint holds it.
 
   Dispatch: the host runs at most 2 steps ahead of the device (it waits for step n-2 after
@@ -311,7 +311,7 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) 
       while in_flight and in_flight[0][0] <= upto:
         step, metrics = in_flight.popleft()
         if int(par.get(metrics["nonfinite"])):  # blocks until the step has finished
-          raise FloatingPointError(
+          raise NonFiniteLossError(
               f"Training stopped: the loss or gradient became NaN/Inf between steps {step - 1} "
               f"and {step}. That update was not applied and nothing after it was saved; the "
               f"last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints. Try "

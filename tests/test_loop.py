@@ -16,6 +16,7 @@ from PIL import Image
 
 from configs import smoke
 from ddpm_jax import checkpoint, data, train
+from ddpm_jax.errors import UserError
 from tests.test_checkpoint import damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,8 +246,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
   config = smoke_config(**{"training.num_train_steps": 8, "training.checkpoint_every": 2,
                            "training.log_every": 1, "training.sample_every": 0})
   with pytest.raises(FloatingPointError, match=r"NaN/Inf between steps 4 and 5.*last good "
-                     r"checkpoint is step 4"):
+                     r"checkpoint is step 4") as stopped:
     train.train_and_evaluate(config, workdir)
+  assert isinstance(stopped.value, UserError)  # main.py prints its sentence, no traceback
   ckpt = checkpoint.Checkpointer(workdir, keep=10)
   assert ckpt.all_steps() == [2, 4]
   tree, _ = ckpt.restore()
