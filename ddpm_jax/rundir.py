@@ -182,12 +182,37 @@ def write_or_check_config(workdir: str,
   return config
 
 
+def _unflatten(flat: Dict[str, Any]) -> ml_collections.ConfigDict:
+  tree: Dict[str, Any] = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return ml_collections.ConfigDict(_tuples(tree))
+
+
+def _meant_already(old: Dict[str, Any], key: str, value: Any) -> bool:
+  """Whether `key`, absent from a run written by an older version, set to `value` leaves the
+  run's settings as they were: the field is new, and `value` is what the run did without it
+  (e.g. training.ema_warmup=False for a run from before EMA warm-up existed)."""
+  if key in old or value is _ABSENT:
+    return False
+  try:
+    return (settings.Settings.from_config(_unflatten({**old, key: value}))
+            == settings.Settings.from_config(_unflatten(old)))
+  except UserError:
+    return False
+
+
 def _changed_fields(workdir: str, old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
   """The dotted fields in which `new` differs from the run's `old`; refuses (one UserError
   naming each field and both values) those that are not changeable."""
   changed = sorted(k for k in old.keys() | new.keys()
                    if not _same(old.get(k, _ABSENT), new.get(k, _ABSENT)))
   refused = [k for k in changed if not settings.is_changeable(k)]
+  refused = [k for k in refused if not _meant_already(old, k, new[k] if k in new else _ABSENT)]
   if refused:
     try:  # a run directory of an older version may hold values that were never checked
       settings.validate(ml_collections.ConfigDict(_tuples(_read_tree(workdir))))

@@ -547,3 +547,21 @@ def test_sigkill_during_a_save_keeps_a_complete_latest_checkpoint(tmp_path):
   # Killed while writing step 2 (or, on a very fast disk, just after it completed).
   latest = 2 if (tmp_path / "checkpoints" / "2").is_dir() else 1
   _assert_recovers(workdir, latest=latest)
+
+
+def test_a_run_from_before_a_new_field_resumes_with_its_default(tmp_path):
+  """A config.json written before a field existed means that field's default: resuming with the
+  default is the same run, another value is refused."""
+  workdir = str(tmp_path / "run")
+  config = default.get_config()
+  rundir.write_or_check_config(workdir, config)
+  path = tmp_path / "run" / "config.json"
+  stored = json.loads(path.read_text())
+  del stored["training"]["ema_warmup"]  # as written by a version without EMA warm-up
+  path.write_text(json.dumps(stored))
+  rundir.write_or_check_config(workdir, config)
+  assert json.loads(path.read_text())["training"]["ema_warmup"] is False
+  path.write_text(json.dumps(stored))
+  config.training.ema_warmup = True
+  with pytest.raises(UserError, match=r"training.ema_warmup: <absent> in the run, True now"):
+    rundir.write_or_check_config(workdir, config)
