@@ -134,10 +134,12 @@ def test_keys_absent_from_the_stored_config(tmp_path):
   rundir.write_or_check_config(workdir, default.get_config())
   assert rundir.read_config(workdir).training.eval_every == 0
 
-  del stored["diffusion"]["min_snr_gamma"]  # changes the loss: refused
+  del stored["diffusion"]["min_snr_gamma"]  # a value other than the default changes the loss
   (tmp_path / "config.json").write_text(json.dumps(stored))
-  with pytest.raises(ValueError, match=r"diffusion\.min_snr_gamma: <absent> in the run, 0\.0 now"):
-    rundir.write_or_check_config(workdir, default.get_config())
+  weighted = default.get_config()
+  weighted.diffusion.min_snr_gamma = 5.0
+  with pytest.raises(ValueError, match=r"diffusion\.min_snr_gamma: <absent> in the run, 5\.0 now"):
+    rundir.write_or_check_config(workdir, weighted)
 
 
 def test_unwritable_workdir_is_one_clear_error(tmp_path):
