@@ -438,7 +438,9 @@ def load_with_step(workdir: str, *, step: Optional[int] = None
     raise UserError(f"Workdir {workdir} is not a directory; pass the --workdir of a "
                     "training run.")
   config = rundir.read_config(workdir)
-  config.data.class_names = rundir.read_class_names(workdir)  # for sample(..., labels="name")
+  names = rundir.read_class_names(workdir)
+  if names:  # a folder labelled by its subfolders: for sample(..., labels="name")
+    config.data.class_names = names
   if not (root / CHECKPOINT_DIR).is_dir():
     raise MissingFileError(f"No checkpoint in {root / CHECKPOINT_DIR}; train first with `"
                            f"{train_command(workdir)}`.")
