@@ -239,5 +239,19 @@ def report_user_errors(fn: Callable[[], Any]) -> Any:
     sys.exit(130)
 
 
+def quiet_closed_event_loop(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """sys.unraisablehook without one harmless message: when orbax fails to read a damaged
+  checkpoint (which is then moved aside, with a warning), a callback of its asyncio machinery
+  can still fire on the closed loop and print "RuntimeError: Event loop is closed" with a
+  traceback. Everything else goes to `hook`."""
+  def filtered(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    hook(unraisable)
+  return filtered
+
+
 if __name__ == "__main__":
+  sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
   report_user_errors(lambda: app.run(main, flags_parser=parse_flags))

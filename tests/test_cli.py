@@ -286,3 +286,18 @@ def test_an_unchecked_config_json_is_named_not_restored(tmp_path):
   with pytest.raises(UserError, match=r"config.json holds a config that cannot train \(config"
                                       r"\.training\.ema_decay=1\.5: .*move it away"):
     rundir.write_or_check_config(str(tmp_path), smoke.get_config())
+
+
+def test_only_the_closed_event_loop_message_is_dropped():
+  """The unraisable hook main.py installs drops orbax's harmless "Event loop is closed" only."""
+  seen = []
+  hook = main.quiet_closed_event_loop(seen.append)
+
+  class Unraisable:
+    def __init__(self, e):
+      self.exc_value = e
+
+  hook(Unraisable(RuntimeError("Event loop is closed")))
+  other = Unraisable(RuntimeError("something else"))
+  hook(other)
+  assert seen == [other]
