@@ -30,15 +30,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import linalg
 from scipy.special import ndtr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Report, device_line  # noqa: E402
 import ddpm_jax  # noqa: E402  (_common makes the repository importable)
+from digits_frechet import DigitsFrechet, to_uint8  # noqa: E402
 from ddpm_jax import settings  # noqa: E402
 
-DIGITS_NUM_TRAIN = 1500  # scikit-learn's 1797 digits: the first 1500 are the training split
 
 
 def samplers(steps, ancestral=(1000, 100, 50)):
@@ -144,45 +143,6 @@ def part_gmm(report, steps, ancestral, num_samples):
 # ----------------------------------------------------------------------------- (b) digits
 
 
-def digits_images():
-  """uint8 [1797, 64] and labels, scaled as ddpm_jax's digits pipeline does (0..16 -> 0..255)."""
-  from sklearn.datasets import load_digits
-  digits = load_digits()
-  return np.round(digits.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 64), digits.target
-
-
-class DigitsFrechet:
-  """Frechet distance to the digits' training split in an MLP classifier's hidden features."""
-
-  def __init__(self, seed=0):
-    from sklearn.neural_network import MLPClassifier
-    images, labels = digits_images()
-    x = images / 255.0
-    self.clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
-    self.clf.fit(x[:DIGITS_NUM_TRAIN], labels[:DIGITS_NUM_TRAIN])
-    self.test_accuracy = self.clf.score(x[DIGITS_NUM_TRAIN:], labels[DIGITS_NUM_TRAIN:])
-    self.ref = self.stats(self.features(x[:DIGITS_NUM_TRAIN]))
-    self.test_split = self.distance(x[DIGITS_NUM_TRAIN:])
-
-  def features(self, x):
-    return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
-
-  @staticmethod
-  def stats(f):
-    return f.mean(0), np.cov(f, rowvar=False)
-
-  def distance(self, x):
-    """x: [N, 64] in [0, 1]."""
-    (m1, c1), (m2, c2) = self.stats(self.features(x)), self.ref
-    covmean = linalg.sqrtm(c1 @ c2).real
-    return float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2.0 * covmean))
-
-  def score_samples(self, x):
-    """Samples [N, 8, 8, 1] in [-1, 1], quantised to uint8 as --mode=sample writes them."""
-    pixels = np.clip(np.round((x + 1.0) * 127.5), 0, 255)
-    return self.distance(pixels.reshape(len(x), -1) / 255.0)
-
-
 def part_digits(report, steps, ancestral, num_samples, workdir, step):
   params, config = ddpm_jax.load(workdir, step=step)
   model = settings.Settings.from_config(config).model.make_model()
@@ -193,12 +153,12 @@ def part_digits(report, steps, ancestral, num_samples, workdir, step):
   report(f"(b) digits model of {workdir} (configs/digits.py, checkpoint "
          f"{step if step is not None else 'latest'}), {num_samples} samples, clip_denoised=True; "
          f"score: Frechet distance to the train split in an MLP's 64 hidden features (test "
-         f"accuracy {frechet.test_accuracy:.3f}); the 297 test images score "
-         f"{frechet.test_split:.3f}")
+         f"accuracy {frechet.accuracy:.3f}); the 297 test images score "
+         f"{frechet.floor():.3f}")
   shape = (num_samples, size, size, channels)
   run_rows(report, samplers(steps, ancestral),
            lambda name, order, n: chain(sched, model_fn, shape, name, order, n, True),
-           jax.random.key(0), frechet.score_samples)
+           jax.random.key(0), lambda x: frechet.distance(to_uint8(x)))
 
 
 def main():
