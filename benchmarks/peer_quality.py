@@ -213,7 +213,7 @@ class OursModel:
     config.parallel = "shard_map"
     config.update_from_flattened_dict(overrides)
     self.config, self.jax, self.train_mod = config, jax, train
-    self.par = train.Parallel(config, train.make_train_step(config), devices=jax.devices()[:1])
+    self.par = train.Parallel(config, train.make_train_step(config))
     init_key, self.key = jax.random.split(jax.random.PRNGKey(seed))
     self.state = self.par.put_state(train.create_train_state(config, init_key))
     self.stream = batches(np.load(data)["images"], batch, seed)
@@ -387,6 +387,8 @@ def main():
   p.add_argument("--config", default="digits", help="configs/<name>.py for ours")
   p.add_argument("--variants", default="",
                  help='"name:key=value,...;name2:..." runs of ours with config overrides')
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="ours on the CPU: this many devices, as config.cpu_devices (0: automatic)")
   p.add_argument("--peer_dim", type=int, default=32)
   p.add_argument("--peer_threads", type=int, default=0,
                  help="torch threads (0: torch's default). On a loaded machine OpenMP's spinning "
@@ -417,7 +419,11 @@ def main():
   args.sections = args.sections.split(",")
   args.variants = [(v.split(":", 1)[0], parse_overrides(v.split(":", 1)[1] if ":" in v else ""))
                    for v in (args.variants.split(";") if args.variants else [""])]
-  from _common import Report, device_line
+  from _common import Report, device_line  # puts the repository on sys.path
+  from ddpm_jax import placement
+  # As main.py does with config.cpu_devices, before JAX starts: ours trains data-parallel over
+  # this many CPU devices (0: automatic, ddpm_jax.placement.auto_cpu_devices).
+  placement.set_cpu_devices(args.cpu_devices, args.batch)
   report = Report("Ours vs denoising-diffusion-pytorch on digits (peer_quality.py)")
   report(f"device: {device_line()}; ours: configs/{args.config}.py"
          + (f"; variants: {args.variants}" if args.variants != [("", {})] else ""))

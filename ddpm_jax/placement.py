@@ -4,6 +4,8 @@ over devices, for training, sampling and evaluation.
 - Independent work per device (sampling chains, bits/dim of a batch): `map_over_devices`, a
   jit-compiled shard_map with the params replicated (`replicate`) and the batch split along its
   leading axis (`batch_sharding`); no communication.
+- How many devices the host's CPU is, when JAX runs there: `set_cpu_devices` (config.cpu_devices),
+  called by main.py before JAX starts.
 - The train step, with collectives on the axis "batch" (`AXIS`): `data_parallel(kind)` gives a
   placement with `map_step`, `put_state`, `put_batch` and `get`, one class per kind:
   `PmapPlacement` (the default: state replicated with a leading device axis, a host batch
@@ -13,6 +15,7 @@ over devices, for training, sampling and evaluation.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -22,6 +25,71 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ddpm_jax.settings import PARALLEL
 
 AXIS = "batch"
+CPU_DEVICES_PER_CORE = 2
+MIN_CPU_DEVICE_BATCH = 8  # below this per-device batch, the fixed cost per device dominates
+_CPU_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+# ----------------------------------------------------------------------------- CPU devices
+
+
+def usable_cores() -> int:
+  """The CPU cores this process may run on (its affinity mask: taskset, cgroups' cpusets)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def auto_cpu_devices(per_host_batch: int, cores: int) -> int:
+  """config.cpu_devices=0: the largest divisor of the per-host batch that is at most
+  CPU_DEVICES_PER_CORE per core and leaves every device at least MIN_CPU_DEVICE_BATCH examples
+  (1 when none does).
+
+  Why several devices: XLA:CPU runs one program's ops largely one after another, each split over
+  the cores, and on small images most ops are too small to split well; several devices run
+  several programs at once. Measured on 2 cores (BENCHMARKS.md, issue 11): the train step of
+  the 32x32 digits model at batch 64 took 2.24 s on 1 device, 1.67 s on 2, 1.54 s on 4 and
+  1.47 s on 8.
+  """
+  limit = min(CPU_DEVICES_PER_CORE * max(cores, 1), per_host_batch // MIN_CPU_DEVICE_BATCH)
+  return max([d for d in range(1, limit + 1) if per_host_batch % d == 0] or [1])
+
+
+def cpu_devices_wanted(requested: int, per_host_batch: int, environ=None,
+                       distributed: bool = False) -> Optional[int]:
+  """The CPU device count to set for config.cpu_devices=`requested`, or None to leave JAX's own.
+
+  requested > 0 is taken as it is. 0 (automatic) defers to a count the user already chose
+  (XLA_FLAGS' --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES) and, in a multi-process
+  run, to JAX's default; otherwise `auto_cpu_devices`.
+  """
+  environ = os.environ if environ is None else environ
+  if requested > 0:
+    return requested
+  if (_CPU_COUNT_FLAG in environ.get("XLA_FLAGS", "") or environ.get("JAX_NUM_CPU_DEVICES")
+      or distributed):
+    return None
+  return auto_cpu_devices(per_host_batch, usable_cores())
+
+
+def set_cpu_devices(requested: int, per_host_batch: int) -> Optional[int]:
+  """Makes the host's CPU `cpu_devices_wanted(...)` XLA devices; returns the count set, or None
+  where JAX's own count stands. Call it before JAX starts its backends (main.py does).
+
+  Only the CPU backend is affected: where JAX finds a GPU or TPU it computes there, and these
+  CPU devices stay idle. The update of a global batch is the same on any number of devices (each
+  example's randomness comes from its global index, see train.py), so this changes speed only.
+  """
+  count = cpu_devices_wanted(requested, per_host_batch,
+                             distributed=jax.distributed.is_initialized())
+  if count is None or jax.config.jax_num_cpu_devices == count:
+    return count
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # the backends already run (a second command in one process): keep them
+    return None
+  return count
 
 
 def mesh(devices: Sequence[jax.Device]) -> Mesh:

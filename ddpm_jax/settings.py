@@ -369,7 +369,7 @@ class EvalSettings:
 SECTIONS = {"data": DataSettings, "model": ModelSettings, "diffusion": DiffusionSettings,
             "optim": OptimSettings, "training": TrainingSettings, "sampling": SamplingSettings,
             "eval": EvalSettings}
-TOP_LEVEL_CHANGEABLE = {"seed": False, "parallel": True}
+TOP_LEVEL_CHANGEABLE = {"seed": False, "parallel": True, "cpu_devices": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +378,7 @@ class Settings:
   training.batch_size."""
   seed: int
   parallel: str
+  cpu_devices: int  # 0: automatic (placement.set_cpu_devices)
   data: DataSettings
   model: ModelSettings
   diffusion: DiffusionSettings
@@ -394,10 +395,11 @@ class Settings:
     if not is_int(seed):
       raise top.fail("seed", seed, "an integer is accepted")
     parallel = top.choice("parallel", "pmap", PARALLEL)
+    cpu_devices = top.int("cpu_devices", 0, 0, what="the number of CPU devices (0: automatic)")
     data = DataSettings.read(config)
     diff = DiffusionSettings.read(config)
     model = ModelSettings.read(config, data, diff.var_type)
-    return cls(seed=int(seed), parallel=parallel, data=data, model=model, diffusion=diff,
+    return cls(seed=int(seed), parallel=parallel, cpu_devices=cpu_devices, data=data, model=model, diffusion=diff,
                optim=OptimSettings.read(config),
                training=TrainingSettings.read(config, device_count),
                sampling=SamplingSettings.read(config, diff, model),
