@@ -33,7 +33,12 @@ bilinearly to 32x32, so the models have three levels and attention):
 Timings (s/step, training img/s, sampling img/s): training runs in chunks of --chunk steps,
 ours and LDP taking turns, so that load from other processes hits both alike; sampling too.
 --sections speed times only the train step (--speed_rounds rounds of --speed_steps steps,
-taking turns), after a warm-up, and prints the ratio ours / LDP.
+taking turns), after a warm-up, and prints the ratio ours / LDP. --sections profile splits
+both train steps into categories (convolution, elementwise, ...; benchmarks/_profile.py); run it
+under `taskset -c 0` with --cpu_devices 1 --peer_threads 1 for sums that add up to the wall time.
+
+Ours trains as main.py would on this machine: on the CPU, data-parallel over --cpu_devices
+XLA devices (config.cpu_devices; 0, the default, picks the count as main.py does).
 """
 import argparse
 import json
@@ -47,7 +52,11 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import _profile  # noqa: E402  (imports nothing heavy)
 import digits_frechet  # noqa: E402  (NumPy, SciPy, scikit-learn only: both environments)
+
+if __name__ == "__main__" and "--worker" not in sys.argv:
+  _profile.enable_cpu_tracing(sys.argv)  # before JAX starts
 
 
 def data_npz(size, directory):
@@ -120,6 +129,10 @@ class PeerModel:
       self.opt.zero_grad()
       self.ema.update()
     return {"seconds": time.perf_counter() - start, "loss": loss.item()}
+
+  def profile(self, n):
+    """The train step's time by category over n traced steps (benchmarks/_profile.py)."""
+    return _profile.torch_profile(lambda: self.train(1), n)
 
   def sample(self, n, ddim_steps, batch, out, timed=True):
     torch = self.torch
@@ -242,6 +255,17 @@ class OursModel:
       self.state, metrics = self.par.step(self.state, batch, self.key)
     loss = float(self.par.get(metrics)["loss"])  # waits for the last step
     return {"seconds": time.perf_counter() - start, "loss": loss}
+
+  def profile(self, n):
+    """The train step's time by category over n traced steps (benchmarks/_profile.py)."""
+    batch = self.par.put_batch({"image": next(self.stream),
+                                "label": np.zeros((self.batch,), np.int32)})
+    compiled = self.par.step.lower(self.state, batch, self.key).compile()
+
+    def step():
+      self.state, metrics = compiled(self.state, batch, self.key)
+      return metrics
+    return _profile.xla_profile(step, compiled, n)
 
   def sample(self, n, ddim_steps, batch, out, timed=True):
     from ddpm_jax import sampling
@@ -368,6 +392,11 @@ def run_size(args, size, scorer, workdir, say):
         sample_and_score(args, size, name, m, results[name], scorer, workdir, say)
     if "speed" in args.sections:
       speed(args, models, say)
+    if "profile" in args.sections:
+      say(f"  where the train step's time goes: ms per step by category, summed over the ops "
+          f"that ran (benchmarks/_profile.py), {args.speed_steps} traced steps after warm-up")
+      _profile.report_profiles(say, {name: tuple(call(m, "profile", n=args.speed_steps))
+                                     for name, m in models.items()})
     if args.peer_python:
       peer.close()
   if "quality" in args.sections:
@@ -382,7 +411,9 @@ def main():
   p.add_argument("--peer_python", default="", help="the peer environment's python")
   p.add_argument("--peer_pythonpath", default="", help="prepended to the worker's PYTHONPATH")
   p.add_argument("--no_peer", action="store_true")
-  p.add_argument("--sections", default="quality", help="quality and/or speed, comma-separated")
+  p.add_argument("--sections", default="quality",
+                 help="quality, speed and/or profile, comma-separated (for a profile that adds "
+                      "up to the wall time: taskset -c 0 ... --cpu_devices 1 --peer_threads 1)")
   p.add_argument("--sizes", default="8,32")
   p.add_argument("--config", default="digits", help="configs/<name>.py for ours")
   p.add_argument("--variants", default="",
