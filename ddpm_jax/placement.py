@@ -28,6 +28,8 @@ AXIS = "batch"
 CPU_DEVICES_PER_CORE = 2
 MIN_CPU_DEVICE_BATCH = 8  # below this per-device batch, the fixed cost per device dominates
 _CPU_COUNT_FLAG = "xla_force_host_platform_device_count"
+_RENDEZVOUS_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
+RENDEZVOUS_TIMEOUT_S = 3600
 
 
 # ----------------------------------------------------------------------------- CPU devices
@@ -89,6 +91,12 @@ def set_cpu_devices(requested: int, per_host_batch: int) -> Optional[int]:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError:  # the backends already run (a second command in one process): keep them
     return None
+  flags = os.environ.get("XLA_FLAGS", "")
+  if count > 1 and _RENDEZVOUS_FLAG not in flags:
+    # The devices meet at every all-reduce; XLA aborts the process when one arrives more than 40 s
+    # after the others, which happens on a CPU that other work starves (seen at nice 19 under a
+    # test run). A late device is not a hang here: wait an hour.
+    os.environ["XLA_FLAGS"] = f"{flags} --{_RENDEZVOUS_FLAG}={RENDEZVOUS_TIMEOUT_S}".strip()
   return count
 
 

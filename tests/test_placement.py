@@ -1,6 +1,6 @@
 """How many devices the host's CPU becomes (config.cpu_devices): the automatic rule, what it
-defers to, and the refusal of a count that does not divide the batch. main.py's use of it runs
-in test_cli (every README command trains, samples and evaluates on 2 CPU devices)."""
+defers to, and, through main.py in a subprocess, the refusal of a count that does not divide the
+batch (its sentence names the 3 devices JAX was given)."""
 import os
 import subprocess
 import sys
