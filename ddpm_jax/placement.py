@@ -50,9 +50,9 @@ def auto_cpu_devices(per_host_batch: int, cores: int) -> int:
 
   Why several devices: XLA:CPU runs one program's ops largely one after another, each split over
   the cores, and on small images most ops are too small to split well; several devices run
-  several programs at once. Measured on 2 cores (BENCHMARKS.md, issue 11): the train step of
-  the 32x32 digits model at batch 64 took 2.24 s on 1 device, 1.67 s on 2, 1.54 s on 4 and
-  1.47 s on 8.
+  several programs at once. Measured on 2 cores (benchmarks/cpu_devices.py, BENCHMARKS.md): the
+  train step of the digits model at batch 64 took 0.168, 0.134, 0.123 and 0.175 s on 1, 2, 4
+  and 8 devices at 8x8, and 2.70, 1.96, 1.63 and 1.62 s at 32x32.
   """
   limit = min(CPU_DEVICES_PER_CORE * max(cores, 1), per_host_batch // MIN_CPU_DEVICE_BATCH)
   return max([d for d in range(1, limit + 1) if per_host_batch % d == 0] or [1])
