@@ -288,6 +288,25 @@ def test_an_unchecked_config_json_is_named_not_restored(tmp_path):
     rundir.write_or_check_config(str(tmp_path), smoke.get_config())
 
 
+def test_an_unretrieved_asyncio_task_exception_is_one_line_and_other_records_pass():
+  import logging
+  try:
+    raise RuntimeError("cancelled {'a': 'b'}")
+  except RuntimeError as e:
+    exc_info = (type(e), e, e.__traceback__)
+  record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                             "Task exception was never retrieved\nfuture: <Task finished>", (),
+                             exc_info)
+  other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Unclosed %s", ("client",),
+                            exc_info)
+  quiet = main.UnretrievedTaskInOneLine()
+  assert quiet.filter(record) and quiet.filter(other)
+  formatted = logging.Formatter().format(record)
+  assert "Traceback" not in formatted and "\n" not in formatted
+  assert formatted.endswith("nobody awaited: RuntimeError: cancelled {'a': 'b'}")
+  assert other.exc_info is exc_info and "Traceback" in logging.Formatter().format(other)
+
+
 def test_only_the_closed_event_loop_message_is_dropped():
   """The unraisable hook main.py installs drops orbax's harmless "Event loop is closed" only."""
   seen = []
