@@ -210,21 +210,21 @@ def execute(fv: flags.FlagValues) -> None:
   maybe_initialize_distributed(fv)
   import jax  # pylint: disable=import-outside-toplevel
   from ddpm_jax import placement  # pylint: disable=import-outside-toplevel
-  cpu_devices = placement.set_cpu_devices(config.get("cpu_devices", 0),
-                                          config.training.batch_size)
+  requested = config.get("cpu_devices", 0)  # validated by run_config
+  cpu_devices = placement.set_cpu_devices(requested, config.training.batch_size)
   logging.info("Process %d of %d, %d local devices of %d: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and cpu_devices and config.training.batch_size % jax.device_count():
-    raise UserError(f"config.cpu_devices={config.cpu_devices}: the batch "
+    raise UserError(f"config.cpu_devices={requested}: the batch "
                     f"(training.batch_size={config.training.batch_size}) must divide over the "
                     f"{jax.device_count()} CPU devices; use a divisor of the batch, or 0 "
                     "(automatic).")
   if on_cpu and cpu_devices:
     logging.info("JAX runs on the CPU (%d usable cores) as %d devices (config.cpu_devices=%d%s).",
-                 placement.usable_cores(), cpu_devices, config.get("cpu_devices", 0),
-                 ": automatic" if not config.get("cpu_devices", 0) else "")
+                 placement.usable_cores(), cpu_devices, requested,
+                 "" if requested else ": automatic")
   if fv.mode == "train":
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
     try:
