@@ -59,6 +59,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("step", None, "--mode=sample/eval: the checkpoint step (default: "
                        "latest).", flag_values=fv)
+  flags.DEFINE_boolean("force_lease", False, "Take over the lease of the workdir (training) or "
+                       "sample folder (--mode=sample/eval) even though its holder seems alive: "
+                       "only when that process is known to be gone.", flag_values=fv)
   flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -100,17 +103,42 @@ def _leaves(tree, prefix=""):
       yield path
 
 
+def _exec_config(path):
+  """The config of a config file (path[:argument]); raises what loading it raises."""
+  spec = importlib.util.spec_from_file_location("_config_for_names", path.split(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())  # configs import `configs.default` from the checkout
+  spec.loader.exec_module(module)
+  return module.get_config(*path.split(":")[1:])
+
+
 def _load_config(path):
   """The config of a config file, for naming fields in an error (None if it cannot load)."""
   try:
-    spec = importlib.util.spec_from_file_location("_config_for_names", path.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    if os.getcwd() not in sys.path:
-      sys.path.insert(0, os.getcwd())  # configs import `configs.default` from the checkout
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return _exec_config(path)
   except Exception:  # pylint: disable=broad-except
     return None  # the original parse error is reported instead
+
+
+def missing_config_sentence(argv):
+  """One sentence if the --config file does not exist (config_flags fails only later)."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path.split(":")[0]):
+    return (f"--config={path}: there is no such file; pass a config file such as "
+            "configs/cifar10.py.")
+  return None
+
+
+def broken_config_sentence(argv):
+  """One sentence saying why the --config file does not load; None if it loads."""
+  path = _config_path(argv)
+  try:
+    _exec_config(path)
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)
+    return (f"--config={path} does not load: {type(e).__name__}: {e}; fix it, or pass "
+            "another config file such as configs/cifar10.py.")
+  return None
 
 
 def unknown_field_sentence(argv):
@@ -139,13 +167,23 @@ def parse_flags(argv, fv: flags.FlagValues = FLAGS):
 
   config_flags reads the overrides from sys.argv: argv must be sys.argv (or a copy of it)."""
   argv = with_default_config(list(argv))
+  sentence = missing_config_sentence(argv)
+  if sentence:
+    raise UserError(sentence)
   try:
     return fv(argv)
   except flags.Error as e:
-    sentence = unknown_field_sentence(argv) or " ".join(str(e).split())
+    sentence = (unknown_field_sentence(argv) or
+                ("Error whilst parsing config file" in str(e) and broken_config_sentence(argv))
+                or " ".join(str(e).split()))
     raise UserError(sentence) from e
   except (AttributeError, KeyError) as e:  # config_flags on an override of an unknown field
-    sentence = unknown_field_sentence(argv)
+    sentence = unknown_field_sentence(argv) or broken_config_sentence(argv)
+    if sentence is None:
+      raise
+    raise UserError(sentence) from e
+  except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+    sentence = broken_config_sentence(argv) if _config_path(argv) else None
     if sentence is None:
       raise
     raise UserError(sentence) from e
@@ -198,8 +236,18 @@ def run_config(fv: flags.FlagValues):
   if fv.mode == "train":
     if config is None:
       raise UserError("--mode=train needs --config, e.g. --config=configs/cifar10.py.")
+    if fv.step is not None:
+      raise UserError(f"--step={fv.step} is for --mode=sample and --mode=eval; training always "
+                      "resumes from the workdir's newest intact checkpoint (drop --step, or "
+                      "start a new --workdir).")
   else:
     config = rundir.config_for_use(fv.workdir, config, overrides(fv))
+    undeclared = sorted(set(_leaves(config)) - set(_leaves(_load_config(DEFAULT_CONFIG))))
+    if undeclared:  # written by another program or by hand: its meaning is unknown
+      raise UserError(f"{os.path.join(fv.workdir, rundir.CONFIG_FILE)} has fields that "
+                      f"configs/default.py does not declare ({', '.join(undeclared[:5])}"
+                      f"{', ...' if len(undeclared) > 5 else ''}); remove them, or pass the "
+                      "--workdir of a ddpm_jax training run.")
   settings.validate(config)  # train_and_evaluate checks the batch against the devices too
   return config
 
@@ -228,12 +276,12 @@ def execute(fv: flags.FlagValues) -> None:
   if fv.mode == "train":
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
     try:
-      train.train_and_evaluate(config, fv.workdir)
+      train.train_and_evaluate(config, fv.workdir, force_lease=fv.force_lease)
     except train.Interrupted as e:  # saved and logged; 143 after SIGTERM, 130 after Ctrl-C
       sys.exit(e.exit_status)
   elif fv.mode == "sample":
     from ddpm_jax import generate  # pylint: disable=import-outside-toplevel
-    directory = generate.generate(config, fv.workdir, step=fv.step)
+    directory = generate.generate(config, fv.workdir, step=fv.step, force_lease=fv.force_lease)
     logging.info("Samples written to %s.", directory)
   else:
     from ddpm_jax import evaluation  # pylint: disable=import-outside-toplevel
@@ -246,7 +294,10 @@ def report_user_errors(fn: Callable[[], Any]) -> Any:
   try:
     return fn()
   except UserError as e:
-    sys.stderr.write(f"{e}\n")
+    for handler in std_logging.getLogger().handlers:  # their lines first: the sentence is last
+      handler.flush()
+    # On a terminal, a blank line sets the sentence apart from the INFO lines above it.
+    sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{e}\n")
     sys.exit(USER_ERROR_STATUS)
   except KeyboardInterrupt:  # Ctrl-C before the train loop's handler (imports, checks): no save
     sys.stderr.write("Interrupted (Ctrl-C) before training started; nothing was saved.\n")

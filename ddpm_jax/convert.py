@@ -44,6 +44,8 @@ from ml_collections import config_flags
 from ddpm_jax import checkpoint, diffusers_mapping as dm, rundir, settings, train
 from ddpm_jax.errors import MissingFileError, UserError
 
+USER_ERROR_STATUS = 2  # as main.py's: a user's mistake, one sentence on stderr
+
 UNET_CONFIG = os.path.join("unet", "config.json")
 WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 TORCH_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.bin")
@@ -250,14 +252,14 @@ def define_flags() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=USER_ERROR_STATUS)
   if not FLAGS.src or not FLAGS.workdir:
-    raise app.UsageError("--src and --workdir are required.")
+    raise app.UsageError("--src and --workdir are required.", exitcode=USER_ERROR_STATUS)
   try:
     config = convert(FLAGS.src, FLAGS.workdir, FLAGS.config)
   except UserError as e:
     print(e, file=sys.stderr)  # the sentence alone, no traceback: the user's mistake
-    sys.exit(1)
+    sys.exit(USER_ERROR_STATUS)
   m = config.model
   print(f"Converted {FLAGS.src} into {FLAGS.workdir} (step 0): ch={m.ch}, "
         f"ch_mult={tuple(m.ch_mult)}, attn_resolutions={tuple(m.attn_resolutions)}, "

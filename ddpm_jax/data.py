@@ -178,6 +178,8 @@ def create_input_iter(config: Any, *, split: str = "train", per_host_batch_size:
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(sources.read_options())
+  if config.data.dataset == "folder":  # a file damaged inside its data fails only when decoded
+    return image_folder.naming_damaged_files(ds.as_numpy_iterator(), config)
   return ds.as_numpy_iterator()
 
 

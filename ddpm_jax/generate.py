@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import zipfile
 from typing import Optional, Tuple
 
 import jax
@@ -29,7 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, placement, rundir, sampling, settings
+from ddpm_jax import checkpoint, lease, placement, rundir, sampling, settings
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress, save_png
 
@@ -64,14 +65,18 @@ def shard_path(directory: epath.Path, k: int) -> epath.Path:
 
 
 def _read_shard(path: epath.Path) -> Optional[dict]:
-  """A shard's arrays, or None if it is missing or unreadable."""
+  """A shard's arrays, or None (after one warning) if it is missing or unreadable: truncated,
+  not a zip, an .npy or anything else under a shard's name."""
   if not path.exists():
     return None
   try:
-    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
+    loaded = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+      raise ValueError(f"it holds a single {type(loaded).__name__}, not an .npz archive")
+    with loaded as f:
       return {k: f[k] for k in f.files}
-  except (ValueError, OSError, EOFError) as e:
-    logging.warning("Recomputing %s: it cannot be read (%s).", path, e)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    logging.warning("Recomputing %s: it cannot be read (%s: %s).", path, type(e).__name__, e)
     return None
 
 
@@ -82,11 +87,22 @@ def _shard_done(path: epath.Path, indices: np.ndarray, image_shape: tuple) -> bo
           and np.array_equal(shard.get("index"), indices))
 
 
+def _stored_manifest(path: epath.Path) -> dict:
+  """The settings in a sample directory's sampling.json, or a UserError if it is damaged."""
+  fix = f"move {path.parent} away (or delete {path.name} to recompute its samples)"
+  stored = rundir.read_json(path, "the settings of these samples", fix)
+  size = stored.get("shard_size") if isinstance(stored, dict) else None
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise UserError(f"{path} holds no shard_size (an int >= 1), so its shards cannot be read; "
+                    f"{fix}.")
+  return stored
+
+
 def _manifest(directory: epath.Path, wanted: dict, shard_size: int, primary: bool) -> int:
   """The directory's shard size: the stored one on resume (after checking its settings)."""
   path = directory / MANIFEST
   if path.exists():
-    stored = json.loads(path.read_text())
+    stored = _stored_manifest(path)
     different = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
     if different:
       raise UserError(f"{path} records other sampling settings than asked for ("
@@ -102,13 +118,15 @@ def _manifest(directory: epath.Path, wanted: dict, shard_size: int, primary: boo
 
 def generate(config, workdir: str, *, num_samples: Optional[int] = None,
              step: Optional[int] = None, params=None, process_index: Optional[int] = None,
-             process_count: Optional[int] = None) -> epath.Path:
+             process_count: Optional[int] = None, force_lease: bool = False) -> epath.Path:
   """Writes samples 0 .. num_samples-1 of the run in `workdir` as shards; returns their directory.
 
   config: the run's config (sampling settings from config.sampling); num_samples defaults to
   config.sampling.num_samples; step: the checkpoint (default: the latest); params: EMA params
   already loaded for that step (else read here). process_index/process_count: this host's
-  share of the shards (default: jax's); several hosts write into one directory.
+  share of the shards (default: jax's); several hosts write into one directory, under the
+  lease (lease.py) that host 0 takes on it: a second sampler of the same directory is refused
+  (force_lease: take it over), samplers of other directories and training run alongside.
   """
   num_samples = config.sampling.num_samples if num_samples is None else num_samples
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -116,11 +134,30 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
   sampling.check_settings(config)
   if params is None or step is None:
     step, params, _ = checkpoint.load_with_step(workdir, step=step)
+    try:  # before anything is written: a config.json edited to another model
+      sampling.check_params(params, config)
+    except ValueError as e:
+      text = str(e)
+      problem = text[text.find("(") + 1:text.rfind("); pass")]
+      raise UserError(f"The checkpoint of step {step} in {workdir} does not fit the model of "
+                      f"its config ({problem}); restore "
+                      f"{epath.Path(workdir) / rundir.CONFIG_FILE}, or pass the --workdir "
+                      "of the run it describes.") from e
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
 
   directory = sample_dir(workdir, config, step)
-  directory.mkdir(parents=True, exist_ok=True)
+  synced = process_count > 1 and process_count == jax.process_count()
+  with lease.hold(directory, purpose="sampling", force=force_lease, primary=process_index == 0,
+                  sync=synced):
+    return _generate_under_lease(config, directory, num_samples, step, params, process_index,
+                                 process_count)
+
+
+def _generate_under_lease(config, directory: epath.Path, num_samples: int, step: int, params,
+                          process_index: int, process_count: int) -> epath.Path:
+  """generate's work, once the sample directory's lease is held."""
+  directory.mkdir(parents=True, exist_ok=True)  # host 0's lease made it; others may come first
   shard_size = _manifest(directory, _manifest_settings(config, step), config.sampling.batch_size,
                          primary=process_index == 0)
   num_shards = math.ceil(num_samples / shard_size)
@@ -171,7 +208,7 @@ def read_samples(directory, num_samples: int, *,
   if not path.exists():
     raise MissingFileError(f"{directory} holds no samples ({MANIFEST} is missing); write them "
                             "with --mode=sample.")
-  shard_size = int(json.loads(path.read_text())["shard_size"])
+  shard_size = _stored_manifest(path)["shard_size"]
   if shards is None:
     shards = range(math.ceil(num_samples / shard_size))
   images, labels = [], []

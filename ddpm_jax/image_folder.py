@@ -8,10 +8,13 @@ config.data.num_channels (sources.to_channels: alpha composited on black), centr
 square and resized to config.data.image_size (bilinear, antialiased), then rounded to uint8.
 GIFs give their first frame.
 
-`check_folder` reads every file's header and end (not its pixels) before a run writes anything:
-it refuses missing folders, folders without images, files that are not images or are truncated,
-and palette or 1-bit BMPs (which TensorFlow decodes as gray); it warns about images smaller than
-image_size, which are upsampled.
+`check_folder` reads every file's header and end before a run writes anything (and decodes
+the whole of files up to 64 KiB, which it reads whole anyway): it refuses missing folders,
+folders without images, files that are not images, are truncated or (when small) damaged inside
+their data, and palette or 1-bit BMPs (which TensorFlow decodes as gray); it warns about images
+smaller than image_size, which are upsampled. A larger file damaged inside its data is named
+when the stream first fails to decode it (`naming_damaged_files`): the run stops there with
+that sentence, its earlier checkpoints intact. Links are followed, each folder and image once.
 """
 from __future__ import annotations
 
@@ -48,15 +51,50 @@ def _images(config: Any) -> tuple[str, list[str]]:
   return root, paths
 
 
+def _is_image(name: str) -> bool:
+  return not name.startswith(".") and name.lower().endswith(EXTENSIONS)
+
+
 def list_images(root: str) -> list[str]:
   """The images' paths relative to `root`, "/"-separated, sorted."""
+  if "://" not in root:
+    return _list_local_images(root)
   found = []
-  for directory, _, files in tf.io.gfile.walk(root):
-    rel = os.path.relpath(directory, root) if "://" not in root else directory[len(root):]
-    rel = rel.strip("/").replace(os.sep, "/")
+  for directory, _, files in tf.io.gfile.walk(root):  # object stores have no links
+    rel = directory[len(root):].strip("/")
+    found += [posixpath.join(rel, f) for f in files if _is_image(f)]
+  return sorted(found)
+
+
+def _list_local_images(root: str) -> list[str]:
+  """list_images on a local disk, following links but taking each folder and each image once:
+  a link to a folder already walked (a loop such as `ln -s . loop`, or one pointing back up) and
+  a second path to an image already found are skipped, with one warning."""
+  found, seen_dirs, seen_files, skipped = [], set(), set(), []
+  for directory, subdirs, files in os.walk(root, followlinks=True):
+    seen_dirs.add(os.path.realpath(directory))
+    keep = []
+    for d in sorted(subdirs):  # sorted: which of two paths to one folder is kept is fixed
+      real = os.path.realpath(os.path.join(directory, d))
+      if real in seen_dirs:
+        skipped.append(os.path.join(directory, d))
+      else:
+        seen_dirs.add(real)
+        keep.append(d)
+    subdirs[:] = keep
+    rel = os.path.relpath(directory, root).replace(os.sep, "/")
     rel = "" if rel == "." else rel
-    found += [posixpath.join(rel, f) for f in files
-              if not f.startswith(".") and f.lower().endswith(EXTENSIONS)]
+    for f in sorted(files):
+      if _is_image(f):
+        real = os.path.realpath(os.path.join(directory, f))
+        if real in seen_files:
+          skipped.append(os.path.join(directory, f))
+        else:
+          seen_files.add(real)
+          found.append(posixpath.join(rel, f))
+  if skipped:
+    logging.warning("Skipped %d links in %s to folders or images already read (e.g. %s): each "
+                    "image is used once.", len(skipped), root, skipped[0])
   return sorted(found)
 
 
@@ -107,7 +145,43 @@ def _inspect(path: str) -> tuple[str | None, tuple[int, int]]:
   complete = {"PNG": tail[-8:-4] == b"IEND", "JPEG": b"\xff\xd9" in tail,
               "GIF": b";" in tail[-16:],
               "BMP": length >= int.from_bytes(head[2:6], "little")}[kind]
-  return (None if complete else f"is a truncated {kind}"), size
+  if not complete:
+    return f"is a truncated {kind}", size
+  if length <= len(head):  # read whole already: decode its data too (larger files: when used)
+    try:
+      with Image.open(io.BytesIO(head)) as image:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+      return f"is damaged inside its image data ({type(e).__name__}: {e})", size
+  return None, size
+
+
+def _decodes(path: str) -> str | None:
+  """What is wrong with the file's pixel data (PIL decodes all of it), or None."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f, Image.open(io.BytesIO(f.read())) as image:
+      image.load()
+  except (OSError, SyntaxError, ValueError) as e:
+    return f"is damaged inside its image data ({type(e).__name__}: {e})"
+  return None
+
+
+def naming_damaged_files(batches, config: Any):
+  """`batches`, where a decoding error of TensorFlow (which does not name the file) becomes one
+  sentence naming the first damaged file of the folder."""
+  try:
+    yield from batches
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    _, paths = _images(config)
+    full = [posixpath.join(config.data.path.rstrip("/"), p) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      for path, problem in zip(full, pool.map(_decodes, full)):
+        if problem:
+          raise UserError(f"{path} {problem}; config.data.path must hold only complete PNG, "
+                          "JPEG, BMP or GIF images (re-save it as PNG or remove it).") from e
+    raise UserError(f"An image of config.data.path={config.data.path!r} cannot be decoded "
+                    f"({e.message.splitlines()[0]}); re-save the folder's images as PNG.") from e
 
 
 def check_folder(config: Any) -> None:

@@ -91,12 +91,37 @@ def write_atomically(path: epath.Path, data) -> None:
       tmp.unlink()
 
 
+def read_json(path: epath.Path, what: str, fix: str) -> Any:
+  """The JSON value in `path`, or a UserError naming the file, what is wrong with it, `what` it
+  should be and `fix` (what to do). Refuses text that is not UTF-8, not JSON, or nested too
+  deep for Python's parser."""
+  try:
+    return json.loads(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    problem = f"is not UTF-8 text (byte {e.start})"
+  except json.JSONDecodeError as e:
+    problem = f"is not valid JSON ({e})"
+  except RecursionError:
+    problem = "is JSON nested too deep to read"
+  raise UserError(f"{path} {problem}; it should be {what}: {fix}.")
+
+
+def _class_names(path: epath.Path) -> tuple:
+  names = read_json(path, "the list of the run's class names",
+                    "restore it, or start a new --workdir")
+  if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+      or len(set(names)) != len(names)):
+    raise UserError(f"{path} holds {_show(names)[:80]}, not a list of distinct class names "
+                    "(strings); restore it, or start a new --workdir.")
+  return tuple(names)
+
+
 def write_class_names(workdir: str, names) -> None:
   """Stores a labelled folder's class names in workdir/classes.json (process 0, atomically), or
   refuses names that differ from those already stored (the labels would change meaning)."""
   path = epath.Path(workdir) / CLASSES_FILE
   if path.exists():
-    stored = tuple(json.loads(path.read_text()))
+    stored = _class_names(path)
     if stored != tuple(names):
       raise UserError(f"The classes of config.data.path ({', '.join(names)}) differ from the "
                       f"run's ({', '.join(stored)}, in {path}); resume with the same classes or "
@@ -108,7 +133,7 @@ def write_class_names(workdir: str, names) -> None:
 def read_class_names(workdir: str) -> tuple:
   """The class names in workdir/classes.json, () when the run has none."""
   path = epath.Path(workdir) / CLASSES_FILE
-  return tuple(json.loads(path.read_text())) if path.exists() else ()
+  return _class_names(path) if path.exists() else ()
 
 
 def _check_writable(root: epath.Path) -> None:
@@ -124,11 +149,8 @@ def _read_tree(workdir: str) -> Dict[str, Any]:
     raise MissingFileError(f"{workdir} is not a ddpm_jax run directory: it has no "
                            f"{CONFIG_FILE} (looked for {path}); pass the --workdir of a "
                            "training run.")
-  try:
-    tree = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON ({e}); move it away to start a new run in "
-                    f"{workdir}, or use a new --workdir.") from e
+  tree = read_json(path, "the run's config", f"move it away to start a new run in {workdir}, "
+                   "or use a new --workdir")
   if not isinstance(tree, dict):
     raise UserError(f"{path} holds a JSON {type(tree).__name__}, not the run's config object.")
   return tree

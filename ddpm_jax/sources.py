@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import zipfile
 from typing import Any, Callable
 
 import numpy as np
@@ -318,10 +319,17 @@ def open_npz(config: Any, split: str) -> Source:
     raise MissingFileError(f"config.data.path={path!r} is not an .npz file; dataset 'npz' "
                            "needs a file holding images uint8 [N, H, W] or [N, H, W, C].")
   try:
-    with epath.Path(path).open("rb") as f, np.load(f) as npz:
-      arrays = {k: npz[k] for k in npz.files if k in ("images", "labels")}
-  except (ValueError, OSError) as e:
-    raise UserError(f"config.data.path={path!r} is not a readable .npz ({e}).") from e
+    with epath.Path(path).open("rb") as f:
+      loaded = np.load(f, allow_pickle=False)
+      if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy: one array, no names
+        raise ValueError(f"it holds a single {type(loaded).__name__} (an .npy), not named "
+                         "arrays")
+      with loaded as npz:
+        arrays = {k: npz[k] for k in npz.files if k in ("images", "labels")}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"config.data.path={path!r} is not a readable .npz ({type(e).__name__}: "
+                    f"{e}); accepted: np.savez(path, images=uint8 [N, H, W(, C)], "
+                    "labels=int [N]).") from e
   images = arrays.get("images")
   if images is None:
     raise UserError(f"config.data.path={path!r} holds no array named 'images'; accepted: an "
@@ -332,8 +340,10 @@ def open_npz(config: Any, split: str) -> Source:
                     "; accepted: uint8 [N, H, W] or [N, H, W, C] with C in 1..4.")
   if images.ndim == 3:
     images = images[..., None]
-  labels = arrays.get("labels")
   num_classes = config.model.get("num_classes", 0)
+  # Labels are used only by a class-conditional model (as subfolder names only with
+  # labels_from=subfolders): an unconditional model ignores those the arrays carry.
+  labels = arrays.get("labels") if num_classes else None
   if labels is None:
     if num_classes:
       raise UserError(f"config.model.num_classes={num_classes} but {path} holds no 'labels'; "
@@ -343,7 +353,7 @@ def open_npz(config: Any, split: str) -> Source:
         or (len(labels) and (labels.min() < 0 or labels.max() >= max(num_classes, 1)))):
     raise UserError(f"config.data.path={path!r}: 'labels' ({labels.dtype} {list(labels.shape)}) "
                     f"must be {len(images)} ints in [0, config.model.num_classes="
-                    f"{num_classes}) (all 0 when unconditional).")
+                    f"{num_classes}).")
   keep = split_indices([str(i) for i in range(len(images))], config, split, path)
   read, decode = _arrays_reader(images[keep], labels[keep])
   return Source(len(keep), read, decode, user_preprocess(config))

@@ -23,7 +23,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from ddpm_jax import checkpoint, data, diffusion, evaluation, placement, rundir, sampling, settings
+from ddpm_jax import (checkpoint, data, diffusion, evaluation, lease, placement, rundir, sampling,
+                      settings)
 from ddpm_jax.errors import NonFiniteLossError, UserError
 from ddpm_jax.preemption import Interrupted, Preemption
 from ddpm_jax.reporting import Reporter
@@ -252,7 +253,8 @@ def _device_batches(iterator, par: Parallel, ahead: int = 2):
     yield queue.popleft()
 
 
-def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) -> TrainState:
+def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0,
+                       force_lease: bool = False) -> TrainState:
   """Trains config's model in workdir, resuming from its newest intact checkpoint; returns the
   state.
 
@@ -274,6 +276,17 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) 
   evaluator = None
   if tc.get("eval_every", 0):  # built first: missing Inception weights stop the run at once
     evaluator = evaluation.TrainingEvaluator(config, workdir)
+  # One writer per workdir, from its first write (config.json) to its last; the Checkpointer's
+  # clean-up of temporary checkpoint folders happens only under it.
+  with lease.hold(workdir, purpose="training", force=force_lease,
+                  primary=jax.process_index() == 0, sync=jax.process_count() > 1) as held:
+    return _train_under_lease(config, workdir, evaluator, held, progress_every_s)
+
+
+def _train_under_lease(config, workdir: str, evaluator, held, progress_every_s: float):
+  """train_and_evaluate once the settings are checked and the workdir's lease is held (`held`:
+  the Lease on process 0, None on the others)."""
+  tc = config.training
   config = rundir.write_or_check_config(workdir, config)
   if names := data.class_names(config):  # a folder labelled by subfolders: load() returns them
     rundir.write_class_names(workdir, names)
@@ -336,6 +349,8 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) 
       stop = preemption.reached(step) and not last
       if step % tc.checkpoint_every == 0 or last or stop:
         finish(step)
+        if held is not None:
+          held.check()  # another process took the workdir over: write nothing more
         host = par.get(p_state)
         ckpt.save(step, state_dict(host), meta={"step": step, "data_step": step,
                                                "train_key": np.asarray(train_key).tolist()})

@@ -57,3 +57,47 @@ def weights_file(random_weights, tmp_path_factory):
   path = tmp_path_factory.mktemp("inception") / "weights.npz"
   np.savez(path, **random_weights)
   return str(path)
+
+
+def run_main(monkeypatch, capsys, *args):
+  """(exit status, stderr) of `python main.py *args` through main's in-process path: its flag
+  parser on a fresh FlagValues, then main.execute under main.report_user_errors."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import main  # pylint: disable=import-outside-toplevel
+  argv = ["main.py", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+
+  def command():
+    main.parse_flags(argv, fv)
+    main.execute(fv)
+  status = 0
+  try:
+    main.report_user_errors(command)
+  except SystemExit as e:
+    status = e.code
+  return status, capsys.readouterr().err
+
+
+TRAINED_RUN_FLAGS = ["--config=configs/smoke.py", "--config.training.num_train_steps=2",
+                     "--config.training.sample_every=0", "--config.training.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A smoke run trained to its last step (2) through main's in-process path: copy it before
+  changing it. Resuming a copy with TRAINED_RUN_FLAGS restores its checkpoint and stops."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import main  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("trained_run") / "run"
+  argv = ["main.py", f"--workdir={workdir}", *TRAINED_RUN_FLAGS]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    fv = flags.FlagValues()
+    main.define_flags(fv)
+    main.parse_flags(argv, fv)
+    main.execute(fv)
+  return workdir

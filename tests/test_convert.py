@@ -316,5 +316,5 @@ def test_a_workdir_holding_a_run_is_refused_and_kept(run):
   # From the command line: the sentence alone on stderr, a non-zero exit, no traceback.
   proc = _main("-m", "ddpm_jax.convert", "--from=diffusers", f"--src={FIXTURE}",
                f"--workdir={run}", timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2  # as main.py's user errors
   assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
