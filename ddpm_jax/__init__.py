@@ -1,5 +1,5 @@
 """ddpm_jax: Denoising Diffusion Probabilistic Models (Ho et al., 2020) in JAX/Flax."""
-from ddpm_jax.checkpoint import load
+from ddpm_jax.loading import load
 from ddpm_jax.diffusion import (
     bits_per_dim,
     discretized_gaussian_log_likelihood,

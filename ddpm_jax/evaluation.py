@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (checkpoint, data, diffusion, fid, from_run, generate, inception, placement,
+from ddpm_jax import (data, diffusion, fid, from_run, generate, inception, loading, placement,
                       rundir, settings)
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress
@@ -251,7 +251,7 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     diffusion.check_choice("eval metric", m, METRICS)
   if not metrics:
     raise UserError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
-  step, params, _ = checkpoint.load_with_step(workdir, step=step)
+  step, params, _ = loading.load_with_step(workdir, step=step)
   from_run.check_params(params, config)
   variables, missing_weights = None, None
   if "fid" in metrics:

@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, from_run, placement, rundir, settings
+from ddpm_jax import from_run, loading, placement, rundir, settings
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress, save_png
 
@@ -115,7 +115,7 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
     raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   from_run.check_settings(config)
   if params is None or step is None:
-    step, params, _ = checkpoint.load_with_step(workdir, step=step)
+    step, params, _ = loading.load_with_step(workdir, step=step)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
 
