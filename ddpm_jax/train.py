@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from ddpm_jax import (checkpoint, data, diffusion, evaluation, lease, placement, rundir, sampling,
+from ddpm_jax import (checkpoint, data, diffusion, evaluation, from_run, lease, placement, rundir,
                       settings)
 from ddpm_jax.errors import NonFiniteLossError, UserError
 from ddpm_jax.preemption import Interrupted, Preemption
@@ -360,7 +360,7 @@ def _train_under_lease(config, workdir: str, evaluator, held, progress_every_s: 
       if tc.sample_every and (step % tc.sample_every == 0 or last) and jax.process_index() == 0:
         ema = par.get(p_state.ema_params[0])
         n = min(64, config.sampling.num_samples)
-        reporter.samples(step, np.asarray(sampling.sample(ema, sample_key, config=config,
+        reporter.samples(step, np.asarray(from_run.sample(ema, sample_key, config=config,
                                                           num_samples=n)))
       if evaluator and (step % tc.eval_every == 0 or last) and jax.process_index() == 0:
         scalars = evaluator(step, par.get(p_state.ema_params[0]))
