@@ -34,6 +34,7 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddpm_jax import failed_writes
 from ddpm_jax.errors import UserError
 
 # The schema that `--config.<field>=...` overrides are parsed against when --mode=sample/eval
@@ -332,7 +333,23 @@ class UnretrievedTaskInOneLine(std_logging.Filter):
     return True
 
 
+class WriteFailuresInOneLine(std_logging.Filter):
+  """For the "absl" logger (orbax's): a failed write of a checkpoint (disk full, no permission)
+  is logged by each of orbax's background threads with a traceback; they become one line each,
+  as the run ends with one sentence about it (failed_writes.py). Every other record passes."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+      if failed_writes.reason(error):
+        record.exc_info, record.exc_text = None, None
+        break
+      error = error.__cause__ or error.__context__
+    return True
+
+
 if __name__ == "__main__":
   sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
   std_logging.getLogger("asyncio").addFilter(UnretrievedTaskInOneLine())
+  std_logging.getLogger("absl").addFilter(WriteFailuresInOneLine())
   report_user_errors(lambda: app.run(main, flags_parser=parse_flags))

@@ -18,6 +18,7 @@ writes config.json. `load` is process-local and may be called by any subset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from ddpm_jax import damaged_checkpoints as damaged, rundir
+from ddpm_jax import damaged_checkpoints as damaged, failed_writes, rundir
 from ddpm_jax.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -164,6 +165,8 @@ class Checkpointer:
                          META_ITEM: ocp.JsonCheckpointHandler()})
     except OSError as e:
       raise rundir.workdir_error(self.directory, e) from e
+    self._pending = None  # (step, bytes) of the save in flight
+    self._failed = False  # a save failed and was reported: nothing more to wait for
 
   # -- queries
 
@@ -220,19 +223,60 @@ class Checkpointer:
     except (TypeError, ValueError) as e:
       raise ValueError(f"Checkpoint metadata must be JSON-serialisable: {e}.") from e
     tree = jax.tree_util.tree_map(_to_host, state)
-    saved = self._manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.PyTreeSave(tree), META_ITEM: ocp.args.JsonSave(meta)}))
+    self.wait()  # orbax waits for the previous save anyway; its failure names its own step
+    self._pending = (step, sum(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes
+                             for x in jax.tree_util.tree_leaves(tree)))
+    with self._writing():
+      saved = self._manager.save(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.PyTreeSave(tree), META_ITEM: ocp.args.JsonSave(meta)}))
     if not saved:
       raise RuntimeError(f"orbax declined to save step {step} in {self.directory} (steps there: "
                          f"{_steps_text(self.all_steps())}).")
 
   def wait(self) -> None:
-    """Blocks until every save started so far is complete on disk (raises its error if any)."""
-    self._manager.wait_until_finished()
+    """Blocks until every save started so far is complete on disk (raises its error if any:
+    a failed write is a UserError naming the path, why and the bytes needed)."""
+    if self._failed:
+      return
+    with self._writing():
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
     """Waits for pending saves and releases orbax's resources."""
-    self._manager.close()
+    if self._failed:  # reported already; orbax may raise the same error again
+      with contextlib.suppress(Exception):
+        self._manager.close()
+      return
+    with self._writing():
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed write of the save in flight (disk full, no permission) into one UserError
+    (see failed_writes.py), after removing its partial folder; other errors pass unchanged."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      why = failed_writes.reason(e)
+      if why is None or self._pending is None:
+        raise
+      self._failed = True
+      step, needed = self._pending
+      if jax.process_index() == 0:
+        failed_writes.remove_partial(self.directory, step)
+      with contextlib.suppress(Exception):
+        self._manager.reload()
+      previous = [s for s in self._complete_steps() if s < step]
+      raise UserError(failed_writes.sentence(self.directory, step, why, needed,
+                                             previous[-1] if previous else None)) from e
+
+  def _complete_steps(self) -> List[int]:
+    """The steps with a finished checkpoint folder on disk (no save in flight among them)."""
+    try:
+      return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except OSError:
+      return []
 
   def __enter__(self) -> "Checkpointer":
     return self

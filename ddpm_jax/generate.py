@@ -157,9 +157,12 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
 def _generate_under_lease(config, directory: epath.Path, num_samples: int, step: int, params,
                           process_index: int, process_count: int) -> epath.Path:
   """generate's work, once the sample directory's lease is held."""
-  directory.mkdir(parents=True, exist_ok=True)  # host 0's lease made it; others may come first
-  shard_size = _manifest(directory, _manifest_settings(config, step), config.sampling.batch_size,
-                         primary=process_index == 0)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)  # host 0's lease made it; others come first
+    shard_size = _manifest(directory, _manifest_settings(config, step),
+                           config.sampling.batch_size, primary=process_index == 0)
+  except OSError as e:
+    raise rundir.workdir_error(directory, e) from e
   num_shards = math.ceil(num_samples / shard_size)
   mine = list(range(process_index, num_shards, process_count))
   size, channels = config.data.image_size, config.data.num_channels
@@ -183,7 +186,10 @@ def _generate_under_lease(config, directory: epath.Path, num_samples: int, step:
       arrays["labels"] = from_run.sample_labels(config, key, index)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    rundir.write_atomically(shard_path(directory, k), buffer.getvalue())
+    try:
+      rundir.write_atomically(shard_path(directory, k), buffer.getvalue())
+    except OSError as e:  # disk full, read-only: the shards written so far are kept
+      raise rundir.workdir_error(directory, e) from e
     done += len(index)
     progress.update(done)
 
