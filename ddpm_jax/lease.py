@@ -44,6 +44,14 @@ HEARTBEAT_S = 20.0  # how often the holder rewrites its heartbeat
 STALE_AFTER_S = 6 * HEARTBEAT_S  # a heartbeat older than this: the holder is gone
 _SETTLE_S = 1.0  # object stores: wait before reading a new lease back (a rival's write lands)
 _TRIES = 3  # take-overs raced by another process before giving up
+_YOUNG_S = 10.0  # an unreadable lease file younger than this may still be being written
+
+
+def _seconds_since_modified(path: epath.Path) -> float:
+  try:
+    return time.time() - path.stat().mtime
+  except (OSError, AttributeError):
+    return float("inf")
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -94,6 +102,14 @@ def _write_new(path: epath.Path, text: str) -> bool:
       return True
     except FileExistsError:
       return False
+    except OSError:  # no hard links here (e.g. some FUSE mounts): exclusive create, then write
+      try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+      return True
     finally:
       tmp.unlink()
   if path.exists():
@@ -207,6 +223,9 @@ def acquire(folder, *, purpose: str, force: bool = False, heartbeat_s: float = H
     holder = read(folder)
     if holder is None:  # released meanwhile
       continue
+    if not holder and _seconds_since_modified(path) < _YOUNG_S:  # still being written
+      time.sleep(_SETTLE_S)
+      continue
     why = _why_free(holder, stale_after_s, now)
     if why is None and not force:
       raise UserError(
@@ -218,8 +237,8 @@ def acquire(folder, *, purpose: str, force: bool = False, heartbeat_s: float = H
     with contextlib.suppress(FileNotFoundError):
       if read(folder) == holder:  # not already taken over by another process meanwhile
         path.unlink()
-  raise UserError(f"Could not take the lease {path}: other processes keep taking it; start one "
-                  "writer at a time.")
+  raise UserError(f"Could not take the lease {path}: it kept changing (other processes are "
+                  "taking it, or one is writing it); start one writer at a time.")
 
 
 @contextlib.contextmanager

@@ -113,7 +113,11 @@ def test_a_stale_or_unreadable_lease_is_taken_over_with_one_warning(tmp_path, ca
   _write_lease(tmp_path, heartbeat=time.time() - lease.STALE_AFTER_S - 5)
   lease.acquire(tmp_path, purpose="training").release()
   assert "its last heartbeat was 2 min ago (more than 120 s)" in caplog.text
-  (tmp_path / lease.LEASE_FILE).write_text('{"host": ')  # a damaged file names nobody
+  damaged = tmp_path / lease.LEASE_FILE
+  damaged.write_text('{"host": ')  # young: maybe still being written, so not taken yet
+  with pytest.raises(UserError, match="it kept changing"):
+    lease.acquire(tmp_path, purpose="training")
+  os.utime(damaged, (time.time() - 60, time.time() - 60))  # old and damaged: it names nobody
   lease.acquire(tmp_path, purpose="training").release()
   assert "its lease file is unreadable" in caplog.text
   assert os.listdir(tmp_path) == []
