@@ -16,6 +16,10 @@ without --config. A --config file's training and optimiser fields are ignored th
 are kept); its model, diffusion or data fields must equal the run's, else one sentence names
 the difference (the file is then for another run).
 
+One process writes a run at a time: training holds workdir/lease.json, sampling its sample
+folder's (ddpm_jax/lease.py); a second writer exits with a sentence naming the holder, and
+--force_lease takes the lease over from a holder known to be gone.
+
 On several hosts run the same command on every host: Cloud TPU pods and SLURM/Open MPI jobs are
 detected; elsewhere pass --coordinator_address, --num_processes and --process_id.
 
@@ -60,9 +64,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("step", None, "--mode=sample/eval: the checkpoint step (default: "
                        "latest).", flag_values=fv)
-  flags.DEFINE_boolean("force_lease", False, "Take over the lease of the workdir (training) or "
-                       "sample folder (--mode=sample/eval) even though its holder seems alive: "
-                       "only when that process is known to be gone.", flag_values=fv)
+  flags.DEFINE_boolean("force_lease", False, "Take over the lease (lease.json) of the workdir "
+                       "(training) or of the sample folder (--mode=sample) even though its "
+                       "holder seems alive: only when that process is known to be gone.",
+                       flag_values=fv)
   flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
