@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   edit.strength = 0.5  # SDEdit: 0 keeps the image, 1 samples anew
   # inpaint: repaint | ancestral | ddim | dpm_solver; edit: the last three (repaint: ddim)
   edit.sampler = "repaint"
-  edit.num_steps = 100  # of the chain (<= num_timesteps)
+  edit.num_steps = 0  # of the chain, <= num_timesteps; 0: min(100, num_timesteps)
   edit.jump_length = 10  # RePaint's jumps (Lugmayr et al., 2022); jump_n_sample=1: replace
   edit.jump_n_sample = 10
   edit.num = 8  # interpolate: images along the path between the first two inputs

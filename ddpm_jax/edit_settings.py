@@ -14,7 +14,8 @@ from ddpm_jax.config_fields import SectionReader
 
 TASKS = ("inpaint", "edit", "invert", "interpolate")
 # inpaint: repaint (RePaint with jumps), ancestral (replacement), ddim, dpm_solver (replacement);
-# edit (SDEdit): ancestral, ddim, dpm_solver; invert and interpolate always use DDIM (eta 0).
+# edit (SDEdit): ancestral, ddim, dpm_solver (repaint, the default, means ddim there); invert
+# and interpolate always use DDIM (eta 0).
 EDIT_SAMPLERS = ("repaint", "ancestral", "ddim", "dpm_solver")
 # A named mask names the region to FILL; the rest of the image is kept.
 NAMED_MASKS = ("center", "left-half", "right-half", "top-half", "bottom-half")
@@ -29,7 +30,7 @@ class EditSettings:
   mask: str  # a named mask (NAMED_MASKS), used where `masks` is unset
   strength: float  # SDEdit: 0 keeps the image, 1 samples anew
   sampler: str
-  num_steps: int
+  num_steps: int  # config 0 reads as min(100, num_timesteps)
   jump_length: int  # RePaint
   jump_n_sample: int  # RePaint; 1 is plain replacement
   num: int  # interpolate: images along the path, both ends included
@@ -48,14 +49,13 @@ class EditSettings:
             mask=r.choice("mask", "center", NAMED_MASKS),
             strength=r.float("strength", 0.5, 0.0, 1.0, what="the SDEdit strength"),
             sampler=r.choice("sampler", "repaint", EDIT_SAMPLERS),
-            num_steps=r.int("num_steps", min(100, T), 1, T, what=f"the number of steps (the "
-                            f"run's num_timesteps is {T})"),
+            num_steps=r.int("num_steps", 0, 0, T, what=f"the number of steps (0: "
+                            f"min(100, T); the run's num_timesteps T is {T})") or min(100, T),
             jump_length=r.int("jump_length", 10, 1, what="RePaint's jump length"),
             jump_n_sample=r.int("jump_n_sample", 10, 1, what="RePaint's resampling count"),
             num=r.int("num", 8, 2, what="the number of interpolated images"))
-    if s.sampler == "repaint" and s.task == "edit":
-      raise r.fail("sampler", s.sampler, "SDEdit (task 'edit') runs a sampler; accepted: "
-                   "'ancestral', 'ddim', 'dpm_solver'")
+    if s.sampler == "repaint" and s.task == "edit":  # the default is inpainting's
+      s = dataclasses.replace(s, sampler="ddim")
     if (s.task == "inpaint" and s.sampler == "repaint" and s.jump_n_sample > 1
         and s.jump_length >= s.num_steps):
       raise r.fail("jump_length", s.jump_length, f"a RePaint jump must fit in the chain of "

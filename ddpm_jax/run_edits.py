@@ -140,7 +140,7 @@ def _settings(config, guidance_scale):
     raise ValueError("The run's config is needed: pass config=..., as returned with the params "
                      "by `params, config = ddpm_jax.load(workdir)`.")
   s, chain, _ = from_run.check_settings(config, guidance_scale=guidance_scale)
-  return s, chain, EditSettings.read(config, s.diffusion.num_timesteps)
+  return s, chain, s.edit
 
 
 def _labels(labels, keys, n, num_classes, draw: bool):
@@ -268,8 +268,7 @@ def _check_steps(num_steps, s) -> None:
 
 def _checked(e: EditSettings, s, sampler, num_steps, *, inpaint: bool):
   """(sampler, num_steps) of an inpaint or SDEdit call, checked."""
-  if sampler is None:
-    # config.edit's default sampler is the inpainting one; SDEdit then uses DDIM
+  if sampler is None:  # config.edit's "repaint" (inpainting's default) is DDIM for SDEdit
     sampler = "ddim" if not inpaint and e.sampler == "repaint" else e.sampler
   accepted = ("repaint", "ancestral", "ddim", "dpm_solver") if inpaint else editing.EDIT_SAMPLERS
   if sampler not in accepted:
