@@ -37,6 +37,10 @@ from ddpm_jax.respace import space_timesteps
 from ddpm_jax.schedules import Schedule
 
 EDIT_SAMPLERS = ("ancestral", "ddim", "dpm_solver")
+# The samplers' own step, respacing and scan, shared so that the edits run the same chains.
+_respaced = sampling._respaced  # pylint: disable=protected-access
+_ddim_step = sampling._ddim_step  # pylint: disable=protected-access
+_run_chain = sampling._run_chain  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -126,7 +130,7 @@ def repaint_sample_loop(sched: Schedule, model_fn: ModelFn, known, mask, key, *,
   known = jnp.asarray(known, jnp.float32)
   _check_int("jump_length", jump_length, 1)
   _check_int("jump_n_sample", jump_n_sample, 1)
-  sched_r, model_r = sampling._respaced(sched, model_fn, num_steps, None)  # pylint: disable=protected-access
+  sched_r, model_r = _respaced(sched, model_fn, num_steps, None)
   n = sched_r.num_timesteps
   if jump_n_sample > 1 and jump_length >= n:
     raise ValueError(f"jump_length={jump_length} leaves no room for a jump in a chain of {n} "
@@ -169,15 +173,15 @@ def ddim_inpaint_loop(sched: Schedule, model_fn: ModelFn, known, mask, key, *, n
   known = jnp.asarray(known, jnp.float32)
   if num_steps is None and timesteps is None:
     raise ValueError("ddim_inpaint_loop needs num_steps (an integer in [1, T]) or timesteps.")
-  sched_r, model_r = sampling._respaced(sched, model_fn, num_steps, timesteps)  # pylint: disable=protected-access
+  sched_r, model_r = _respaced(sched, model_fn, num_steps, timesteps)
 
   def step(x, i, k):
-    x = sampling._ddim_step(sched_r, model_r, x, i, rng.fold_in(k, 0), eta=eta,  # pylint: disable=protected-access
+    x = _ddim_step(sched_r, model_r, x, i, rng.fold_in(k, 0), eta=eta,
                             mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
     return _blend(mask, _noised(sched_r.alphas_cumprod_prev[i], known, rng.fold_in(k, 1)), x)
 
   x_T = sampling.start_noise(key, known.shape, x_T)
-  x0 = sampling._run_chain(step, x_T, sched_r.num_timesteps, rng.fold_in(key, 1), False, 1)  # pylint: disable=protected-access
+  x0 = _run_chain(step, x_T, sched_r.num_timesteps, rng.fold_in(key, 1), False, 1)
   return _blend(mask, known, x0)
 
 
@@ -277,7 +281,7 @@ def ddim_invert(sched: Schedule, model_fn: ModelFn, x0, *, num_steps: Optional[i
   if num_steps is None and timesteps is None:
     raise ValueError("ddim_invert needs num_steps (an integer in [1, T]) or timesteps.")
   x0 = jnp.asarray(x0, jnp.float32)
-  sched_r, model_r = sampling._respaced(sched, model_fn, num_steps, timesteps)  # pylint: disable=protected-access
+  sched_r, model_r = _respaced(sched, model_fn, num_steps, timesteps)
   batch = x0.shape[0]
 
   def body(x, i):

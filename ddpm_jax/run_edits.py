@@ -25,6 +25,12 @@ from ddpm_jax.errors import UserError
 from ddpm_jax.sampling import ddim_sample_loop
 
 
+# sample()'s checks and labels, shared so that edits read labels and steps as it does.
+_check_int = from_run._check_int  # pylint: disable=protected-access
+_draw_labels = from_run._labels  # pylint: disable=protected-access
+_named_labels = from_run._named_labels  # pylint: disable=protected-access
+
+
 @dataclasses.dataclass(frozen=True)
 class _Task:
   """One compiled edit: the cache key beside the run's settings."""
@@ -146,7 +152,7 @@ def _settings(config, guidance_scale):
 def _labels(labels, keys, n, num_classes, draw: bool):
   if num_classes and labels is None and not draw:
     return np.full((n,), num_classes, np.int32)  # the null label: the unconditional model
-  return from_run._labels(labels, keys, n, num_classes)  # pylint: disable=protected-access
+  return _draw_labels(labels, keys, n, num_classes)
 
 
 def _run(params, key, images, masks, *, config, s, chain, task: _Task, labels, draw_labels,
@@ -161,7 +167,7 @@ def _run(params, key, images, masks, *, config, s, chain, task: _Task, labels, d
   params = placement.replicate(params, devices)
   batch = placement.batch_sharding(devices)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(first_index, first_index + n))
-  labels = _labels(from_run._named_labels(labels, config), keys, n,  # pylint: disable=protected-access
+  labels = _labels(_named_labels(labels, config), keys, n,
                    s.model.num_classes, draw_labels)
   masks = np.ones_like(images) if masks is None else masks
   out = []
@@ -194,7 +200,7 @@ def inpaint(params, key, images, masks: Union[str, np.ndarray, None] = None, *, 
                jump_n_sample=e.jump_n_sample if jump_n_sample is None else jump_n_sample)
   if task.sampler == "repaint":
     for name in ("jump_length", "jump_n_sample"):
-      from_run._check_int(name, getattr(task, name), 1)  # pylint: disable=protected-access
+      _check_int(name, getattr(task, name), 1)
     if task.jump_n_sample > 1 and task.jump_length >= task.num_steps:
       raise UserError(f"jump_length={task.jump_length} must be below num_steps="
                       f"{task.num_steps} for RePaint's jumps (or use jump_n_sample=1).")
@@ -245,7 +251,7 @@ def interpolate(params, image_a, image_b, *, num: Optional[int] = None, config=N
   slerped, the path decoded by deterministic DDIM. Defaults: config.edit (num, num_steps)."""
   s, chain, e = _settings(config, None)
   num = e.num if num is None else num
-  from_run._check_int("num", num, 2)  # pylint: disable=protected-access
+  _check_int("num", num, 2)
   ends = np.concatenate([model_images(image_a, s.data.image_shape, "image_a"),
                          model_images(image_b, s.data.image_shape, "image_b")])
   if len(ends) != 2:
@@ -263,7 +269,7 @@ def interpolate(params, image_a, image_b, *, num: Optional[int] = None, config=N
 
 def _check_steps(num_steps, s) -> None:
   T = s.diffusion.num_timesteps
-  from_run._check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")  # pylint: disable=protected-access
+  _check_int("num_steps", num_steps, 1, T, f" (the run's num_timesteps is {T})")
 
 
 def _checked(e: EditSettings, s, sampler, num_steps, *, inpaint: bool):
