@@ -4,12 +4,14 @@
     python main.py --workdir=/path/to/run --mode=sample      # the run's own config.json
     python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval \
         --config.eval.inception_weights=/path/to/pt_inception-2015-12-05.npz
+    python main.py --workdir=/path/to/run --mode=edit --config.edit.input=/path/to/images \
+        --config.edit.task=inpaint --config.edit.mask=center     # or edit, invert, interpolate
 
 Any config field can be overridden, e.g. --config.training.batch_size=256. Restarting the same
 command resumes from the workdir's latest checkpoint (training) or keeps what is already
 written (sampling).
 
---mode=sample and --mode=eval start from the run's own config.json: the command line changes
+--mode=sample, eval and edit start from the run's own config.json: the command line changes
 only what may change between the runs of one workdir (sampling, eval, parallel, model.dtype,
 data.data_dir ...; see ddpm_jax/settings.py), e.g. `--config.sampling.sampler=ddim` with or
 without --config. A --config file's training and optimiser fields are ignored there (the run's
@@ -55,7 +57,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                                   flag_values=fv, lock_config=True)
   flags.DEFINE_string("workdir", None, "The run's directory (checkpoints, logs, samples).",
                       flag_values=fv)
-  flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.", flag_values=fv)
+  flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "edit"], "What to do.",
+                    flag_values=fv)
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host "
                       "runs that are not detected automatically.", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.",
@@ -289,6 +292,10 @@ def execute(fv: flags.FlagValues) -> None:
     from ddpm_jax import generate  # pylint: disable=import-outside-toplevel
     directory = generate.generate(config, fv.workdir, step=fv.step, force_lease=fv.force_lease)
     logging.info("Samples written to %s.", directory)
+  elif fv.mode == "edit":
+    from ddpm_jax import edit_mode  # pylint: disable=import-outside-toplevel
+    directory = edit_mode.run(config, fv.workdir, step=fv.step)
+    logging.info("Edits written to %s.", directory)
   else:
     from ddpm_jax import evaluation  # pylint: disable=import-outside-toplevel
     evaluation.evaluate(config, fv.workdir, step=fv.step)

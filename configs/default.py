@@ -88,6 +88,23 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.thresholding_ratio = 0.995
   sampling.thresholding_max = 1.5
 
+  # --mode=edit and ddpm_jax.inpaint/edit/invert/interpolate (ddpm_jax/edit_settings.py); the
+  # chain's other options (eta, order, clip_denoised, guidance, batch_size) are config.sampling's.
+  config.edit = edit = ml_collections.ConfigDict()
+  edit.task = "inpaint"  # inpaint | edit (SDEdit) | invert (DDIM) | interpolate
+  edit.input = config_dict.placeholder(str)  # a folder of images of the run's size
+  # masks named as the images (any extension): white keeps, black is filled
+  edit.masks = config_dict.placeholder(str)
+  # without masks, this region is filled: center | left-half | right-half | top-half | bottom-half
+  edit.mask = "center"
+  edit.strength = 0.5  # SDEdit: 0 keeps the image, 1 samples anew
+  # inpaint: repaint | ancestral | ddim | dpm_solver; edit: the last three (repaint: ddim)
+  edit.sampler = "repaint"
+  edit.num_steps = 0  # of the chain, <= num_timesteps; 0: min(100, num_timesteps)
+  edit.jump_length = 10  # RePaint's jumps (Lugmayr et al., 2022); jump_n_sample=1: replace
+  edit.jump_n_sample = 10
+  edit.num = 8  # interpolate: images along the path between the first two inputs
+
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.metrics = ("bpd", "fid")  # --mode=eval: "bpd" (the bound) and/or "fid" (FID and IS)
   evaluation.split = "test"  # bits/dim split

@@ -17,8 +17,18 @@ from ddpm_jax.diffusion import (
     training_losses,
     vb_terms_bpd,
 )
+from ddpm_jax.editing import (
+    ddim_inpaint_loop,
+    ddim_interpolate,
+    ddim_invert,
+    dpm_solver_inpaint_loop,
+    repaint_sample_loop,
+    sdedit,
+    slerp,
+)
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.from_run import sample
+from ddpm_jax.run_edits import edit, interpolate, invert, inpaint
 from ddpm_jax.sampling import ddim_sample_loop, p_sample, p_sample_loop
 from ddpm_jax.solvers import dpm_solver_sample_loop, dpm_solver_timesteps, dynamic_threshold
 from ddpm_jax.schedules import Schedule, get_beta_schedule, make_schedule

@@ -62,6 +62,15 @@ def _check_shape(shape) -> tuple:
   return tuple(shape)
 
 
+def start_noise(key, shape: tuple, x_T=None):
+  """x_T of a chain: the given one (checked against `shape`), else N(0, I) from fold_in(key, 0)."""
+  if x_T is None:
+    return rng.normal(rng.fold_in(key, 0), shape)
+  if tuple(x_T.shape) != tuple(shape):
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}.")
+  return jnp.asarray(x_T, jnp.float32)
+
+
 def _respaced(sched: Schedule, model_fn: ModelFn, num_steps, timesteps):
   """(schedule, model_fn) of the chain over the kept timesteps; the model sees the originals."""
   if timesteps is None and num_steps is None:
@@ -107,14 +116,15 @@ def _run_chain(step: Callable, x_T, num_steps: int, key, return_trajectory: bool
 
 
 def p_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key, *,
-                  num_steps: Optional[int] = None, timesteps=None,
+                  num_steps: Optional[int] = None, timesteps=None, x_T=None,
                   return_trajectory: bool = False, trajectory_stride: int = 1,
                   mean_type: str = "eps", var_type: str = "fixedlarge",
                   clip_denoised: bool = True):
   """Ancestral sampling x_T ~ N(0, I) -> x_0 of `shape` [B, ...], the whole chain in one scan.
 
   num_steps < T (or explicit `timesteps`, see respace.space_timesteps) samples the respaced
-  chain with its recomputed betas. Returns x_0, or (x_0, trajectory) with return_trajectory.
+  chain with its recomputed betas. x_T: the starting noise of `shape` (default: drawn from
+  fold_in(key, 0)). Returns x_0, or (x_0, trajectory) with return_trajectory.
   """
   diffusion.check_options(mean_type, var_type)
   shape = _check_shape(shape)
@@ -124,20 +134,20 @@ def p_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key,
     return p_sample(sched_r, model_r, x, i, k, mean_type=mean_type, var_type=var_type,
                     clip_denoised=clip_denoised)
 
-  x_T = rng.normal(rng.fold_in(key, 0), shape)
+  x_T = start_noise(key, shape, x_T)
   return _run_chain(step, x_T, sched_r.num_timesteps, rng.fold_in(key, 1), return_trajectory,
                     trajectory_stride)
 
 
 def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key, *,
-                     num_steps: int, timesteps=None, eta: float = 0.0,
+                     num_steps: int, timesteps=None, eta: float = 0.0, x_T=None,
                      return_trajectory: bool = False, trajectory_stride: int = 1,
                      mean_type: str = "eps", var_type: str = "fixedlarge",
                      clip_denoised: bool = True):
   """DDIM sampling over num_steps evenly spaced timesteps (or explicit `timesteps`).
 
   eta = 0 is deterministic given x_T; eta = 1 has the ancestral sampler's fixedsmall variance.
-  Returns x_0, or (x_0, trajectory) with return_trajectory.
+  x_T: the starting noise of `shape` (default: drawn from fold_in(key, 0)). Returns x_0, or (x_0, trajectory) with return_trajectory.
   """
   diffusion.check_options(mean_type, var_type)
   shape = _check_shape(shape)
@@ -151,6 +161,6 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
     return _ddim_step(sched_r, model_r, x, i, k, eta=eta, mean_type=mean_type,
                       var_type=var_type, clip_denoised=clip_denoised)
 
-  x_T = rng.normal(rng.fold_in(key, 0), shape)
+  x_T = start_noise(key, shape, x_T)
   return _run_chain(step, x_T, sched_r.num_timesteps, rng.fold_in(key, 1), return_trajectory,
                     trajectory_stride)

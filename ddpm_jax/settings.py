@@ -28,6 +28,7 @@ import numpy as np
 from ddpm_jax import diffusion, schedules
 from ddpm_jax.config_fields import SectionReader, changeable, fail, is_int, is_number
 from ddpm_jax.errors import UserError
+from ddpm_jax.edit_settings import EditSettings
 from ddpm_jax.unet import UNet
 
 SAMPLERS = ("ancestral", "ddim", "dpm_solver")
@@ -368,7 +369,7 @@ class EvalSettings:
 
 SECTIONS = {"data": DataSettings, "model": ModelSettings, "diffusion": DiffusionSettings,
             "optim": OptimSettings, "training": TrainingSettings, "sampling": SamplingSettings,
-            "eval": EvalSettings}
+            "eval": EvalSettings, "edit": EditSettings}
 TOP_LEVEL_CHANGEABLE = {"seed": False, "parallel": True, "cpu_devices": True}
 
 
@@ -386,6 +387,7 @@ class Settings:
   training: TrainingSettings
   sampling: SamplingSettings
   eval: EvalSettings
+  edit: EditSettings
 
   @classmethod
   def from_config(cls, config, *, device_count: Optional[int] = None) -> "Settings":
@@ -403,7 +405,8 @@ class Settings:
                optim=OptimSettings.read(config),
                training=TrainingSettings.read(config, device_count),
                sampling=SamplingSettings.read(config, diff, model),
-               eval=EvalSettings.read(config))
+               eval=EvalSettings.read(config),
+               edit=EditSettings.read(config, diff.num_timesteps))
 
 
 def is_changeable(key: str) -> bool:

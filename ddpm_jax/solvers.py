@@ -21,7 +21,7 @@ N < 15 the step before it has order 2 at most.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +134,7 @@ def check_solver_options(num_timesteps: int, num_steps, order, thresholding_rati
 
 def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key, *,
                            num_steps: int, order: int = 2, x_T: Optional[jnp.ndarray] = None,
+                           timesteps: Optional[Sequence[int]] = None,
                            mean_type: str = "eps", var_type: str = "fixedlarge",
                            clip_denoised: bool = True, thresholding: bool = False,
                            thresholding_ratio: float = 0.995, thresholding_max: float = 1.5):
@@ -143,26 +144,56 @@ def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[i
   it on the host. x_T: the starting noise of `shape` (else drawn from fold_in(key, 0), as
   ddim_sample_loop does, and then key is not used for anything else; with x_T given, key is
   not used at all). The chain is deterministic given x_T.
+  timesteps: the chain's descending timesteps (default `dpm_solver_timesteps(T, num_steps)`),
+  e.g. the last ones of a longer chain to start from a partly noised image (SDEdit); x_T is
+  then the state at timesteps[0].
   mean_type: eps | x0 | v; with var_type="learned_range" the mean half of the output is used.
   clip_denoised clips every data prediction to [-1, 1]; thresholding replaces that clip by
   `dynamic_threshold(x0, thresholding_ratio, thresholding_max)`. Order 1 is DDIM with eta = 0
   on the same timesteps (`dpm_solver_timesteps`).
   """
-  diffusion.check_options(mean_type, var_type)
-  T = sched.num_timesteps
-  check_solver_options(T, num_steps, order, thresholding_ratio, thresholding_max)
-  if isinstance(sched.betas, jax.core.Tracer):
-    raise ValueError("dpm_solver_sample_loop needs a concrete Schedule: close over it instead "
-                     "of passing it as a traced jit argument.")
   shape = tuple(shape)
   if x_T is None:
     x_T = rng.normal(rng.fold_in(key, 0), shape)
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}.")
-  timesteps = dpm_solver_timesteps(T, num_steps)
+  return dpm_solver_chain(sched, model_fn, x_T, num_steps=num_steps, order=order,
+                          timesteps=timesteps, mean_type=mean_type, var_type=var_type,
+                          clip_denoised=clip_denoised, thresholding=thresholding,
+                          thresholding_ratio=thresholding_ratio,
+                          thresholding_max=thresholding_max)
+
+
+def dpm_solver_chain(sched: Schedule, model_fn: ModelFn, x_T, *, num_steps: int, order: int,
+                     timesteps=None, after_step: Optional[Callable] = None,
+                     mean_type: str = "eps", var_type: str = "fixedlarge",
+                     clip_denoised: bool = True, thresholding: bool = False,
+                     thresholding_ratio: float = 0.995, thresholding_max: float = 1.5):
+  """The scan of `dpm_solver_sample_loop` from a given x_T [B, ...].
+
+  after_step(x, i, t_next) -> x, if given, is applied to the state after step i (int32 scalar;
+  t_next: the timestep reached, -1 after the last step), e.g. to put back inpainting's known
+  pixels.
+  """
+  diffusion.check_options(mean_type, var_type)
+  T = sched.num_timesteps
+  if timesteps is None:
+    check_solver_options(T, num_steps, order, thresholding_ratio, thresholding_max)
+    timesteps = dpm_solver_timesteps(T, num_steps)
+  else:
+    timesteps = np.asarray(timesteps, np.int32)
+    check_solver_options(T, len(timesteps), order, thresholding_ratio, thresholding_max)
+    if not (timesteps.ndim == 1 and np.all(np.diff(timesteps) < 0) and timesteps[-1] >= 0
+            and timesteps[0] < T):
+      raise ValueError(f"timesteps must be distinct descending integers in [0, {T - 1}], got "
+                       f"{timesteps!r}.")
+  if isinstance(sched.betas, jax.core.Tracer):
+    raise ValueError("dpm_solver_sample_loop needs a concrete Schedule: close over it instead "
+                     "of passing it as a traced jit argument.")
   abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
   coefs = dpm_solver_coefficients(abar, timesteps, order).astype(np.float32)
-  batch = shape[0]
+  t_next = np.append(timesteps[1:], -1).astype(np.int32)
+  batch = x_T.shape[0]
 
   def denoise(x, t):
     x0 = _data_prediction(sched, model_fn(x, t), x, t, mean_type, var_type)
@@ -172,12 +203,16 @@ def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[i
 
   def body(carry, step):
     x, history = carry  # history: the order - 1 previous data predictions, latest first
-    t, c = step
+    i, t, c, t_to = step
     m0 = denoise(x, jnp.full((batch,), t, jnp.int32))
     ms = (m0,) + history
     x = c[0] * x + sum(c[1 + j] * m for j, m in enumerate(ms))
+    if after_step is not None:
+      x = after_step(x, i, t_to)
     return (x, ms[:order - 1]), None
 
   history = tuple(jnp.zeros_like(x_T) for _ in range(order - 1))
-  (x0, _), _ = jax.lax.scan(body, (x_T, history), (jnp.asarray(timesteps), jnp.asarray(coefs)))
+  steps = (jnp.arange(len(timesteps), dtype=jnp.int32), jnp.asarray(timesteps),
+           jnp.asarray(coefs), jnp.asarray(t_next))
+  (x0, _), _ = jax.lax.scan(body, (x_T, history), steps)
   return x0

@@ -72,3 +72,73 @@ def discretized_log_likelihood(x, mean, std):
       log_hi, log_lo = special.log_ndtr(hi), special.log_ndtr(lo)
       out[idx] = log_hi + math.log(-math.expm1(log_lo - log_hi))
   return out
+
+
+# ----------------------------------------------------------------------------- Gaussian images
+
+
+def correlated_gaussian(height, width, *, length, sd):
+  """(mu [D], Sigma [D, D]) of an image of D = height * width pixels whose covariance is the
+  squared-exponential kernel sd^2 exp(-|p - q|^2 / (2 length^2)) over pixel positions (plus
+  1e-3 on the diagonal), and whose mean ramps from -0.2 to 0.2."""
+  yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  p = np.stack([yy.ravel(), xx.ravel()], 1)
+  d2 = ((p[:, None] - p[None]) ** 2).sum(-1)
+  sigma = sd ** 2 * np.exp(-d2 / (2.0 * length ** 2)) + 1e-3 * np.eye(height * width)
+  return np.linspace(-0.2, 0.2, height * width), sigma
+
+
+def gaussian_conditional(mu, sigma, known, x):
+  """Mean and covariance of x[~known] given x[known] for x ~ N(mu, sigma); known: bool [D]."""
+  k, u = known, ~known
+  gain = np.linalg.solve(sigma[np.ix_(k, k)], sigma[np.ix_(k, u)]).T
+  return (mu[u] + gain @ (x[k] - mu[k]),
+          sigma[np.ix_(u, u)] - gain @ sigma[np.ix_(k, u)])
+
+
+def repaint_moments(mu, sigma, abar, walk, mask, known):
+  """Exact mean [D] and covariance [D, D] of RePaint's output (Lugmayr et al., 2022, alg. 1
+  with its jumps) for N(mu, sigma) data and the optimal denoiser, in float64.
+
+  abar: the chain's alphas_cumprod [N]; walk: rows (kind, i) (0: the ancestral step at index i
+  with the posterior mean given E[x0 | x_i] and variance beta_i, none at i = 0; the known
+  pixels ~ q(x_{i-1} | known); 1: x_i ~ q(x_i | x_{i-1})); mask: 1 for known pixels [D].
+  Every step is x' = A x + b + noise, so the moments propagate exactly.
+  """
+  d = len(mu)
+  abar = np.asarray(abar, np.float64)
+  abar_prev = np.append(1.0, abar[:-1])
+  beta = 1.0 - abar / abar_prev
+  m_k, eye = np.diag(mask), np.eye(d)
+  m_u = eye - m_k
+  mean, cov = np.zeros(d), eye
+  for kind, i in walk:
+    if kind == 1:
+      mean, cov = np.sqrt(1 - beta[i]) * mean, (1 - beta[i]) * cov + beta[i] * eye
+      continue
+    gain = np.sqrt(abar[i]) * sigma @ np.linalg.inv(abar[i] * sigma + (1 - abar[i]) * eye)
+    c1 = beta[i] * np.sqrt(abar_prev[i]) / (1 - abar[i])  # Ho et al. eq. 7
+    c2 = (1 - abar_prev[i]) * np.sqrt(1 - beta[i]) / (1 - abar[i])
+    a = c1 * gain + c2 * eye
+    b = c1 * (mu - gain @ (np.sqrt(abar[i]) * mu))
+    noise = beta[i] if i > 0 else 0.0
+    mean = m_k @ (np.sqrt(abar_prev[i]) * known) + m_u @ (a @ mean + b)
+    cov = (1 - abar_prev[i]) * m_k + noise * m_u + m_u @ a @ cov @ a.T @ m_u
+  return mean, cov
+
+
+def ddim_inversion(mu, sigma, abar, x0):
+  """DDIM's deterministic ODE run forward (eta = 0; eps taken at the state each step starts
+  from, at the chain's first timestep for x0) with the optimal denoiser of N(mu, sigma) data,
+  in float64: x0 [B, D] -> x_T [B, D]. abar: the chain's alphas_cumprod [N]."""
+  abar = np.asarray(abar, np.float64)
+  abar_from = np.append(1.0, abar[:-1])
+  eye, x = np.eye(len(mu)), np.asarray(x0, np.float64)
+  for i in range(len(abar)):
+    ab = abar[max(i - 1, 0)]  # the timestep the model is asked at
+    gain = np.sqrt(ab) * sigma @ np.linalg.inv(ab * sigma + (1 - ab) * eye)
+    x0_model = mu + (x - np.sqrt(ab) * mu) @ gain.T
+    eps = (x - np.sqrt(ab) * x0_model) / np.sqrt(1 - ab)
+    x0_hat = (x - np.sqrt(1 - abar_from[i]) * eps) / np.sqrt(abar_from[i])
+    x = np.sqrt(abar[i]) * x0_hat + np.sqrt(1 - abar[i]) * eps
+  return x

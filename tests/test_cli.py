@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 from absl import flags
 
@@ -75,16 +76,32 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
+def edit_inputs(root):
+  """{flag: flag=folder} of 3 grey 8x8 images and their masks, for README's --mode=edit."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for sub in ("images", "masks"):
+    os.makedirs(root / sub)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    Image.fromarray(np.where(np.arange(8) < 4, 255, 0).astype(np.uint8)[None].repeat(8, 0)
+                    ).save(root / "masks" / f"{i}.png")
+  return {"--config.edit.input": f"--config.edit.input={root / 'images'}",
+          "--config.edit.masks": f"--config.edit.masks={root / 'masks'}"}
+
+
 @pytest.fixture(scope="module")
 def readme_runs(tmp_path_factory, weights_file):
   """Runs README's commands in order, all in one workdir: [(args, returncode, stderr)]."""
   workdir = str(tmp_path_factory.mktemp("readme_run"))
+  edits = edit_inputs(tmp_path_factory.mktemp("edit_inputs"))
   results = []
   seen = set()
   for args in readme_commands():
     args = [f"--workdir={workdir}" if a.startswith("--workdir=") else
             f"--config.eval.inception_weights={weights_file}"
-            if a.startswith("--config.eval.inception_weights=") else a for a in args]
+            if a.startswith("--config.eval.inception_weights=") else
+            edits.get(a.split("=")[0], a) for a in args]
     if tuple(args) in seen:  # e.g. the TPU command is the CIFAR-10 one once its workdir is ours
       continue
     seen.add(tuple(args))
@@ -98,7 +115,7 @@ def test_every_readme_command_runs_as_typed(readme_runs):
   _, results = readme_runs
   modes = {next((a for a in args if a.startswith("--mode=")), "--mode=train") for args, _, _ in
            results}
-  assert modes == {"--mode=train", "--mode=sample", "--mode=eval"}
+  assert modes == {"--mode=train", "--mode=sample", "--mode=eval", "--mode=edit"}
   assert len(results) >= 6
   for args, returncode, stderr in results:
     assert returncode == 0 and "Traceback" not in stderr, (args, stderr[-3000:])

@@ -29,6 +29,24 @@ def smoke_config(**overrides):
   return config
 
 
+def random_params(config):
+  """(model, params) of the config's UNet with random weights (not the UNet's init: its zero
+  output layer predicts eps = 0, for which many chains are exact), 1 / sqrt(fan-in) scaled."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import settings  # pylint: disable=import-outside-toplevel
+  s = settings.Settings.from_config(config)
+  model = s.model.make_model()
+  y = jnp.zeros((1,), jnp.int32) if s.model.num_classes else None
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(s.data.image_shape)),
+      jnp.zeros((1,), jnp.int32), y=y))["params"]
+  leaves, tree = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(0)
+  return model, jax.tree_util.tree_unflatten(tree, [
+      rng.normal(0.0, 1.0 / np.sqrt(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 0.1,
+                 x.shape).astype(np.float32) for x in leaves])
+
+
 def run_main(workdir, *flags, devices=8, env=None, wait=True):
   """python main.py --config=configs/smoke.py in a fresh process with `devices` CPU devices."""
   cmd = [sys.executable, "main.py", "--config=configs/smoke.py", f"--workdir={workdir}", *flags]

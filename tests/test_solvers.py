@@ -17,7 +17,7 @@ from scipy.special import ndtr
 import ddpm_jax
 from ddpm_jax import from_run, generate, settings
 from ddpm_jax.errors import UserError
-from tests.test_loop import smoke_config
+from tests.test_loop import random_params, smoke_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dpm_solver_reference.npz")
 T = 1000
@@ -173,15 +173,7 @@ def conditional():
   config = smoke_config(**{"model.num_classes": 3, "sampling.sampler": "dpm_solver",
                            "sampling.num_steps": 6, "sampling.order": 3,
                            "sampling.guidance_scale": 1.5, "sampling.batch_size": 8})
-  model = settings.Settings.from_config(config).model.make_model()
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
-      y=jnp.zeros((1,), jnp.int32)))["params"]
-  leaves, tree = jax.tree_util.tree_flatten(shapes)
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_unflatten(tree, [
-      rng.normal(0.0, 1.0 / np.sqrt(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 0.1,
-                 x.shape).astype(np.float32) for x in leaves])
+  model, params = random_params(config)
   return config, model, params
 
 
