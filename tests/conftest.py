@@ -14,16 +14,21 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Many tests build the same programs again (a new closure is a new jit), and the main.py tests
-# start fresh processes that compile the same train step: JAX's persistent cache (programs
-# that took >= 1 s to compile) lets them load it instead. A fresh directory per session, so
-# every test run still compiles everything once; subprocesses inherit it through os.environ.
+# that need a fresh process compile the same train step: JAX's persistent cache lets them load
+# it instead. A fresh directory per session, so every test run still compiles everything once;
+# subprocesses inherit it through os.environ.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="ddpm_jax_test_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# JAX's default keeps only programs that took >= 1 s; many tests rebuild smaller ones (a sampler
+# chain or an evaluation step around a new closure), and a loaded CPU makes every compile slower.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 
 # Shared fixtures: imported after the XLA flags above, so JAX starts with 8 CPU devices.
+import logging  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -57,3 +62,18 @@ def weights_file(random_weights, tmp_path_factory):
   path = tmp_path_factory.mktemp("inception") / "weights.npz"
   np.savez(path, **random_weights)
   return str(path)
+
+
+@pytest.fixture
+def main_py(caplog):
+  """`python main.py *args` in this process (tests/main_in_process.py): returns (exit status,
+  what it wrote on stderr followed by what it logged)."""
+  from tests import main_in_process  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.INFO, logger="absl")
+
+  def run(*args):
+    caplog.clear()
+    status, err = main_in_process.run(*args)
+    return status, err + "".join(f"{r.getMessage()}\n" for r in caplog.records)
+
+  return run
