@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: device peaks, XLA's FLOP and memory counts, timing,
-and the report that is printed and appended to BENCHMARKS.md.
+and the report that is printed and appended to benchmarks/HISTORY.md (BENCHMARKS.md quotes it).
 
 Every script times compiled calls after warm-up with the device synchronised
 (`jax.block_until_ready`); compilation is timed on its own.
@@ -19,7 +19,8 @@ import numpy as np
 
 GIB = 2**30
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
+# Every run is appended to the history; BENCHMARKS.md summarises it by hand, area by area.
+HISTORY_MD = os.path.join(REPO, "benchmarks", "HISTORY.md")
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # the scripts run as `python benchmarks/NAME.py` from anywhere
 from ddpm_jax import train as ddpm_train  # noqa: E402  (after REPO is on sys.path)
@@ -129,8 +130,8 @@ def device_line():
 
 
 class Report:
-  """Lines printed as they come and, by save(), appended to BENCHMARKS.md with the command line,
-  date, device and software versions."""
+  """Lines printed as they come and, by save(), appended to benchmarks/HISTORY.md with the
+  command line, date, device and software versions."""
 
   def __init__(self, title, packages=()):
     self.title = title
@@ -146,7 +147,7 @@ class Report:
     self(line)
     self("-" * len(line))
 
-  def save(self, path=BENCHMARKS_MD):
+  def save(self, path=HISTORY_MD):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     head = [f"## {self.title} ({now})", "", f"    {command}", "",
@@ -157,7 +158,7 @@ class Report:
     new = not os.path.exists(path)
     with open(path, "a") as f:
       if new:
-        f.write("# Benchmarks\n\nAppended by the scripts in benchmarks/; newest last.\n\n")
+        f.write("# Benchmark history\n\nAppended by the scripts in benchmarks/; newest last.\n\n")
       f.write("\n".join(head + self.lines + ["```", "", ""]))
     print(f"(appended to {os.path.relpath(path, REPO)})")
 

@@ -54,7 +54,7 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=5, help="steps per round")
   p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--no_save", action="store_true", help="do not append to BENCHMARKS.md")
+  p.add_argument("--no_save", action="store_true", help="do not append to benchmarks/HISTORY.md")
   args = p.parse_args()
   if args.worker:
     return worker(args)

@@ -439,7 +439,7 @@ def main():
                  help="ablations of ours (with --no_peer): train, sample and score one variant "
                       "after another, printing each row when done; sampling is not timed")
   p.add_argument("--workdir", default="", help="keeps the data, samples and grids")
-  p.add_argument("--no_save", action="store_true", help="do not append to BENCHMARKS.md")
+  p.add_argument("--no_save", action="store_true", help="do not append to benchmarks/HISTORY.md")
   args = p.parse_args()
   if args.worker:
     return worker()

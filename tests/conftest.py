@@ -14,16 +14,21 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Many tests build the same programs again (a new closure is a new jit), and the main.py tests
-# start fresh processes that compile the same train step: JAX's persistent cache (programs
-# that took >= 1 s to compile) lets them load it instead. A fresh directory per session, so
-# every test run still compiles everything once; subprocesses inherit it through os.environ.
+# that need a fresh process compile the same train step: JAX's persistent cache lets them load
+# it instead. A fresh directory per session, so every test run still compiles everything once;
+# subprocesses inherit it through os.environ.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="ddpm_jax_test_cache_")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+# JAX's default keeps only programs that took >= 1 s; many tests rebuild smaller ones (a sampler
+# chain or an evaluation step around a new closure), and a loaded CPU makes every compile slower.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 
 # Shared fixtures: imported after the XLA flags above, so JAX starts with 8 CPU devices.
+import logging  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -60,25 +65,11 @@ def weights_file(random_weights, tmp_path_factory):
 
 
 def run_main(monkeypatch, capsys, *args):
-  """(exit status, stderr) of `python main.py *args` through main's in-process path: its flag
-  parser on a fresh FlagValues, then main.execute under main.report_user_errors."""
-  import sys  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  import main  # pylint: disable=import-outside-toplevel
-  argv = ["main.py", *args]
-  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-
-  def command():
-    main.parse_flags(argv, fv)
-    main.execute(fv)
-  status = 0
-  try:
-    main.report_user_errors(command)
-  except SystemExit as e:
-    status = e.code
-  return status, capsys.readouterr().err
+  """(exit status, stderr) of `python main.py *args` in this process (tests/main_in_process.py).
+  `monkeypatch` and `capsys` are kept for the callers' signature; stderr is captured there."""
+  del monkeypatch, capsys
+  from tests import main_in_process  # pylint: disable=import-outside-toplevel
+  return main_in_process.run(*args)
 
 
 TRAINED_RUN_FLAGS = ["--config=configs/smoke.py", "--config.training.num_train_steps=2",
@@ -89,15 +80,23 @@ TRAINED_RUN_FLAGS = ["--config=configs/smoke.py", "--config.training.num_train_s
 def trained_run(tmp_path_factory):
   """A smoke run trained to its last step (2) through main's in-process path: copy it before
   changing it. Resuming a copy with TRAINED_RUN_FLAGS restores its checkpoint and stops."""
-  import sys  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from tests import main_in_process  # pylint: disable=import-outside-toplevel
   import main  # pylint: disable=import-outside-toplevel
   workdir = tmp_path_factory.mktemp("trained_run") / "run"
-  argv = ["main.py", f"--workdir={workdir}", *TRAINED_RUN_FLAGS]
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
-    fv = flags.FlagValues()
-    main.define_flags(fv)
-    main.parse_flags(argv, fv)
-    main.execute(fv)
+  main.execute(main_in_process.parse(f"--workdir={workdir}", *TRAINED_RUN_FLAGS))
   return workdir
+
+
+@pytest.fixture
+def main_py(caplog):
+  """`python main.py *args` in this process (tests/main_in_process.py): returns (exit status,
+  what it wrote on stderr followed by what it logged)."""
+  from tests import main_in_process  # pylint: disable=import-outside-toplevel
+  caplog.set_level(logging.INFO, logger="absl")
+
+  def run(*args):
+    caplog.clear()
+    status, err = main_in_process.run(*args)
+    return status, err + "".join(f"{r.getMessage()}\n" for r in caplog.records)
+
+  return run

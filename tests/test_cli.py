@@ -1,10 +1,12 @@
 """The command line: README's commands as typed, every config field overridable, and every bad
 input one sentence on stderr with a non-zero exit, before anything is written.
 
-The README commands run in subprocesses (the real `python main.py`), made cheap by overrides
-that turn every config into the same smoke-sized run (`RUN_OVERRIDES`), so they share one
-workdir; the many bad-input cases run in this process through main's own parser and its
-UserError handling (`main.report_user_errors`).
+The README commands are made cheap by overrides that turn every config into the same smoke-sized
+run (`RUN_OVERRIDES`), so they share one workdir. They run in this process through main's own
+parser, main.execute and main.report_user_errors (tests/main_in_process.py), which reuses the
+session's compiled programs; one of them, the first `--mode=sample`, runs as a real
+`python main.py` in a subprocess, so absl's app.run, main.py's __main__ and a real exit status
+stay covered. The many bad-input cases run in this process too.
 """
 import glob
 import importlib
@@ -18,12 +20,12 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
 
 import main
 from configs import smoke
 from ddpm_jax import settings
 from ddpm_jax.errors import UserError
+from tests import main_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -90,65 +92,68 @@ def edit_inputs(root):
           "--config.edit.masks": f"--config.edit.masks={root / 'masks'}"}
 
 
+def _is_first_sample_command(args, earlier):
+  return "--mode=sample" in args and not any("--mode=sample" in a for a in earlier)
+
+
 @pytest.fixture(scope="module")
 def readme_runs(tmp_path_factory, weights_file):
-  """Runs README's commands in order, all in one workdir: [(args, returncode, stderr)]."""
+  """Runs README's commands in order, all in one workdir: [(args, exit status, stderr, how)],
+  `how` "subprocess" for the one real `python main.py`, else "in-process"."""
   workdir = str(tmp_path_factory.mktemp("readme_run"))
   edits = edit_inputs(tmp_path_factory.mktemp("edit_inputs"))
   results = []
-  seen = set()
   for args in readme_commands():
     args = [f"--workdir={workdir}" if a.startswith("--workdir=") else
             f"--config.eval.inception_weights={weights_file}"
             if a.startswith("--config.eval.inception_weights=") else
             edits.get(a.split("=")[0], a) for a in args]
-    if tuple(args) in seen:  # e.g. the TPU command is the CIFAR-10 one once its workdir is ours
+    earlier = [r[0] for r in results]
+    if args in earlier:  # e.g. the TPU command is the CIFAR-10 one once its workdir is ours
       continue
-    seen.add(tuple(args))
-    proc = subprocess.run([sys.executable, "main.py", *args, *RUN_OVERRIDES], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    results.append((args, proc.returncode, proc.stderr))
+    if _is_first_sample_command(args, earlier):
+      proc = subprocess.run([sys.executable, "main.py", *args, *RUN_OVERRIDES], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=600)
+      results.append((args, proc.returncode, proc.stderr, "subprocess"))
+    else:
+      results.append((args, *main_in_process.run(*args, *RUN_OVERRIDES), "in-process"))
   return workdir, results
 
 
 def test_every_readme_command_runs_as_typed(readme_runs):
-  _, results = readme_runs
-  modes = {next((a for a in args if a.startswith("--mode=")), "--mode=train") for args, _, _ in
-           results}
+  workdir, results = readme_runs
+  modes = {next((a for a in args if a.startswith("--mode=")), "--mode=train")
+           for args, _, _, _ in results}
   assert modes == {"--mode=train", "--mode=sample", "--mode=eval", "--mode=edit"}
   assert len(results) >= 6
-  for args, returncode, stderr in results:
-    assert returncode == 0 and "Traceback" not in stderr, (args, stderr[-3000:])
+  assert [how for _, _, _, how in results].count("subprocess") == 1
+  for args, status, stderr, _ in results:
+    assert status == 0 and "Traceback" not in stderr, (args, stderr[-3000:])
+  # What the commands made: the run, its samples (the subprocess's ancestral ones among them)
+  # and the bits/dim of --mode=eval.
+  assert os.path.isdir(os.path.join(workdir, "samples", "00000002_ancestral5"))
+  assert os.path.exists(os.path.join(workdir, "eval", "00000002.json"))
 
 
 # ----------------------------------------------------------------------------- in-process parsing
 
 
-def parse(monkeypatch, *args):
+def parse(*args):
   """main's flags parsed from `python main.py *args` on a fresh FlagValues."""
-  argv = ["main.py", *args]
-  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  main.parse_flags(argv, fv)
-  return fv
+  return main_in_process.parse(*args)
 
 
-def refused(monkeypatch, capsys, *args) -> str:
+def refused(*args) -> str:
   """The one line that main prints for `python main.py *args`, which must exit with status 2."""
-  def command():
-    main.execute(parse(monkeypatch, *args))
-  with pytest.raises(SystemExit) as e:
-    main.report_user_errors(command)
-  assert e.value.code == main.USER_ERROR_STATUS
-  err = capsys.readouterr().err
+  status, err = main_in_process.run(*args)
+  assert status == main.USER_ERROR_STATUS, (status, err[-3000:])
   lines = err.splitlines()
   assert len(lines) == 1 and "Traceback" not in err, err
   return lines[0]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_leaf_of_every_config_can_be_overridden(monkeypatch, name):
+def test_every_leaf_of_every_config_can_be_overridden(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   want = {}
   for key, value in _leaves(config):
@@ -164,20 +169,20 @@ def test_every_leaf_of_every_config_can_be_overridden(monkeypatch, name):
       want[key] = tuple(value) + tuple(value[:1])
     else:
       want[key] = value + "_x"
-  fv = parse(monkeypatch, f"--config=configs/{name}.py", "--workdir=/unused",
+  fv = parse(f"--config=configs/{name}.py", "--workdir=/unused",
              *[f"--config.{k}={_flag_value(v)}" for k, v in want.items()])
   got = dict(_leaves(fv.config))
   assert got == want
 
 
-def test_unknown_field_names_the_closest_fields(monkeypatch, capsys, tmp_path):
-  line = refused(monkeypatch, capsys, "--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+def test_unknown_field_names_the_closest_fields(tmp_path):
+  line = refused("--config=configs/smoke.py", f"--workdir={tmp_path}/w",
                  "--config.training.bogus=3")
   assert line.startswith("--config.training.bogus: ") and "training.log_every" in line
-  line = refused(monkeypatch, capsys, "--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+  line = refused("--config=configs/smoke.py", f"--workdir={tmp_path}/w",
                  "--config.training.ema_decy=0.9")
   assert "closest are training.ema_decay" in line
-  line = refused(monkeypatch, capsys, "--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+  line = refused("--config=configs/smoke.py", f"--workdir={tmp_path}/w",
                  "--config.training.batch_size=abc")
   assert "--config.training.batch_size=abc" in line
   assert not os.path.exists(tmp_path / "w")
@@ -205,17 +210,16 @@ BAD_VALUES = [  # (config, override, the field the sentence must name)
 ]
 
 
-def test_bad_values_are_one_sentence_and_write_nothing(monkeypatch, capsys, tmp_path):
+def test_bad_values_are_one_sentence_and_write_nothing(tmp_path):
   for name, override, field in BAD_VALUES:
     workdir = tmp_path / override.split("=")[0]
-    line = refused(monkeypatch, capsys, f"--config=configs/{name}.py", f"--workdir={workdir}",
+    line = refused(f"--config=configs/{name}.py", f"--workdir={workdir}",
                    f"--config.{override}")
     assert line.startswith(field + ": "), (override, line)
     assert not workdir.exists(), override  # nothing written: a corrected rerun starts afresh
 
 
-def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, monkeypatch, capsys, tmp_path,
-                                                      weights_file):
+def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, tmp_path):
   workdir, _ = readme_runs
   def files():
     return {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)
@@ -223,38 +227,38 @@ def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, monkeypatch, c
   before = files()
   config_json = open(os.path.join(workdir, "config.json")).read()
   run = ["--config=configs/smoke.py", f"--workdir={workdir}", *RUN_OVERRIDES]
-  line = refused(monkeypatch, capsys, *run, "--config.training.ema_decay=1.5")
+  line = refused(*run, "--config.training.ema_decay=1.5")
   assert line.startswith("config.training.ema_decay=1.5: ")
-  line = refused(monkeypatch, capsys, *run, "--config.optim.learning_rate=0.5")
+  line = refused(*run, "--config.optim.learning_rate=0.5")
   assert "optim.learning_rate: 0.001 in the run, 0.5 now" in line
-  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample",
+  line = refused(f"--workdir={workdir}", "--mode=sample",
                  "--config.sampling.sampler=bogus")
   assert line.startswith("config.sampling.sampler='bogus': ")
-  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample", "--step=7")
+  line = refused(f"--workdir={workdir}", "--mode=sample", "--step=7")
   assert line == f"No checkpoint of step 7 in {workdir}/checkpoints; available steps: 2."
-  line = refused(monkeypatch, capsys, f"--workdir={tmp_path}/none", "--mode=sample")
+  line = refused(f"--workdir={tmp_path}/none", "--mode=sample")
   assert "is not a ddpm_jax run directory" in line
-  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=eval",
+  line = refused(f"--workdir={workdir}", "--mode=eval",
                  "--config.eval.metrics=('fid',)")
   assert "config.eval.inception_weights is not set" in line
-  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample",
+  line = refused(f"--workdir={workdir}", "--mode=sample",
                  "--config.model.ch=64")
   assert "model.ch: 32 in the run, 64 now" in line
-  line = refused(monkeypatch, capsys, f"--workdir={workdir}", "--mode=sample",
+  line = refused(f"--workdir={workdir}", "--mode=sample",
                  "--config=configs/digits.py")  # a config file of another model
   assert "model.num_res_blocks: 1 in the run, 2 now" in line
-  line = refused(monkeypatch, capsys, "--workdir=/unused", "--mode=train")
+  line = refused("--workdir=/unused", "--mode=train")
   assert line.startswith("--mode=train needs --config")
   assert open(os.path.join(workdir, "config.json")).read() == config_json
   assert files() == before
 
 
-def test_sample_mode_starts_from_the_runs_config(readme_runs, monkeypatch):
+def test_sample_mode_starts_from_the_runs_config(readme_runs):
   """Problem 8: the run was trained with training.batch_size=16, configs/smoke.py says 8: the
   file's training fields are the run's business, only sampling/eval fields apply."""
   workdir, _ = readme_runs
   for args in (["--config=configs/smoke.py"], []):
-    fv = parse(monkeypatch, *args, f"--workdir={workdir}", "--mode=sample",
+    fv = parse(*args, f"--workdir={workdir}", "--mode=sample",
                "--config.sampling.sampler=ddim", "--config.data.data_dir=/data/tfds")
     config = main.run_config(fv)
     assert config.sampling.sampler == "ddim" and config.training.batch_size == 16

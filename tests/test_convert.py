@@ -127,15 +127,15 @@ def test_sample_and_fine_tune_the_converted_run(inferred):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned, params)
 
 
-def test_main_samples_and_evaluates_the_converted_run(run):
+def test_main_samples_and_evaluates_the_converted_run(run, main_py):
   """--mode=sample with the run's own config.json; --mode=eval bits/dim with the --config the
-  run was converted with."""
-  proc = _main("main.py", f"--workdir={run}", "--mode=sample")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run was converted with (main.py's steps in this process: tests/main_in_process.py)."""
+  status, log = main_py(f"--workdir={run}", "--mode=sample")
+  assert status == 0, log[-3000:]
   assert os.path.isdir(os.path.join(run, "samples", "00000000_ancestral20"))
-  proc = _main("main.py", *SMOKE, f"--workdir={run}", "--mode=eval",
-               "--config.eval.metrics=bpd", "--config.eval.bpd_num_examples=8")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  status, log = main_py(*SMOKE, f"--workdir={run}", "--mode=eval", "--config.eval.metrics=bpd",
+                        "--config.eval.bpd_num_examples=8")
+  assert status == 0, log[-3000:]
   with open(os.path.join(run, "eval", "00000000.json")) as f:
     bpd = json.load(f)["bpd"]
   assert bpd["num_examples"] == 8 and 0 < bpd["bpd"] < 100

@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ import ddpm_jax
 from ddpm_jax import evaluation, from_run, generate, rundir, sampling, settings, train
 from ddpm_jax.errors import UserError
 from tests.test_checkpoint import damage
-from tests.test_loop import ROOT, smoke_config
+from tests.test_loop import smoke_config
 
 CPU = jax.local_devices()
 
@@ -249,22 +247,18 @@ def test_sample_mode_on_two_hosts_equals_one_host(run, tmp_path):
   arrays_equal(generate.read_samples(d2, 10)[0], generate.read_samples(d1, 10)[0])
 
 
-def test_main_sample_mode_uses_the_runs_config(run):
+def test_main_sample_mode_uses_the_runs_config(run, main_py):
   before = sorted(os.listdir(os.path.join(run, "eval")))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run([sys.executable, "main.py", f"--workdir={run}", "--mode=sample",
-                         "--step=3"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  status, log = main_py(f"--workdir={run}", "--mode=sample", "--step=3")
+  assert status == 0, log[-3000:]
   directory = os.path.join(run, "samples", "00000003_ancestral20")
   assert len(generate.read_samples(directory, 4)[0]) == 4  # config.json: 4 samples
-  assert "sampling 00000003_ancestral20 4/4" in proc.stderr  # the progress line
+  assert "sampling 00000003_ancestral20 4/4" in log  # the progress line
   # A --config whose model differs from the run's is refused, nothing written.
-  proc = subprocess.run([sys.executable, "main.py", "--config=configs/smoke.py",
-                         "--config.model.ch=64", f"--workdir={run}", "--mode=eval"], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  assert "model.ch: 32 in the run, 64 now" in proc.stderr
+  status, log = main_py("--config=configs/smoke.py", "--config.model.ch=64", f"--workdir={run}",
+                        "--mode=eval")
+  assert status == 2
+  assert "model.ch: 32 in the run, 64 now" in log
   assert sorted(os.listdir(os.path.join(run, "eval"))) == before
 
 

@@ -7,8 +7,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,8 +17,6 @@ import ddpm_jax
 from configs import default
 from ddpm_jax import data, errors, rundir, train
 from tests.test_data import check_batch, check_global_batches, reference_resize, take, to_uint8
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (relative path, PIL format, mode, (width, height), colour): colour is the RGB(A) value of a
 # constant image, distinct per file so that a batch's pixels tell which file they came from.
@@ -305,7 +301,7 @@ def test_a_bad_folder_stops_training_before_the_workdir_exists(tmp_path):
 # main.py end to end on a folder: train, resume, sample, eval; class names by name.
 
 
-def test_main_trains_resumes_samples_and_evaluates_on_a_labelled_folder(tmp_path):
+def test_main_trains_resumes_samples_and_evaluates_on_a_labelled_folder(tmp_path, main_py):
   from sklearn.datasets import load_digits
   digits = load_digits()
   images = np.round(digits.images * 255 / 16).astype(np.uint8)
@@ -316,18 +312,15 @@ def test_main_trains_resumes_samples_and_evaluates_on_a_labelled_folder(tmp_path
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(images[index]).save(path)
   run = str(tmp_path / "run")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  base = [sys.executable, "main.py", f"--workdir={run}"]
   overrides = ["--config=configs/smoke.py", "--config.data.dataset=folder",
                f"--config.data.path={tmp_path / 'digits'}", "--config.data.labels_from=subfolders",
                "--config.data.eval_fraction=0.2", "--config.model.num_classes=3",
                "--config.training.sample_every=0"]
 
-  def main(*args):
-    proc = subprocess.run(base + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
+  def main(*args):  # python main.py --workdir=run *args, in this process (conftest.py)
+    status, log = main_py(f"--workdir={run}", *args)
+    assert status == 0, log[-3000:]
+    return log
 
   main(*overrides, "--config.training.num_train_steps=3")
   log = main(*overrides, "--config.training.num_train_steps=6")

@@ -131,9 +131,10 @@ class Console:
     return "".join(self.lines)
 
 
-def test_resume_after_an_abrupt_exit_matches_an_uninterrupted_run(tmp_path):
+def test_resume_after_an_abrupt_exit_matches_an_uninterrupted_run(tmp_path, main_py):
   """A second Ctrl-C ends the run at once (os._exit: no clean-up runs, as after SIGKILL; a
-  SIGKILL in the middle of a save is tested in test_checkpoint.py), possibly while it saves."""
+  SIGKILL in the middle of a save is tested in test_checkpoint.py), possibly while it saves.
+  The resumed and the uninterrupted runs go on in this process, with its compiled train step."""
   flags = ["--config.training.num_train_steps=60", "--config.training.checkpoint_every=10",
            "--config.training.log_every=10", "--config.training.sample_every=0"]
   killed = str(tmp_path / "killed")
@@ -154,9 +155,10 @@ def test_resume_after_an_abrupt_exit_matches_an_uninterrupted_run(tmp_path):
   assert "Second Ctrl-C: exiting now" in out and "Traceback" not in out, out[-3000:]
   steps = checkpoint.Checkpointer(killed, keep=10).all_steps()
   assert steps and max(steps) < 60
-  out = run_main(killed, *flags)
+  status, out = main_py("--config=configs/smoke.py", f"--workdir={killed}", *flags)
+  assert status == 0, out[-3000:]
   assert f"Resuming from the checkpoint of step {max(steps)}" in out
-  straight = str(tmp_path / "straight")  # in this process: 8 devices, as the runs above
+  straight = str(tmp_path / "straight")  # 8 devices, as the runs above
   train.train_and_evaluate(smoke_config(**{"training.num_train_steps": 60,
                                            "training.checkpoint_every": 10,
                                            "training.log_every": 10,
@@ -304,8 +306,6 @@ def test_bad_input(tmp_path):
     train.train_and_evaluate(smoke_config(), str(blocker / "run"))
 
 
-def test_main_refuses_unknown_mode(tmp_path):
-  proc = subprocess.run([sys.executable, "main.py", "--config=configs/smoke.py",
-                         f"--workdir={tmp_path}", "--mode=serve"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode != 0 and "--mode" in proc.stderr
+def test_main_refuses_unknown_mode(tmp_path, main_py):
+  status, log = main_py("--config=configs/smoke.py", f"--workdir={tmp_path}", "--mode=serve")
+  assert status == 2 and "--mode" in log
