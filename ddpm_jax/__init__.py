@@ -17,6 +17,7 @@ from ddpm_jax.diffusion import (
     training_losses,
     vb_terms_bpd,
 )
+from ddpm_jax.heun import heun_sample_loop
 from ddpm_jax.likelihood import ode_bits_per_dim, ode_likelihood
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.sampling import ddim_sample_loop, p_sample, p_sample_loop, sample
