@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import continuous, diffusion, rng
+from ddpm_jax import continuous, diffusion, rng, solvers
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.errors import UserError
 from ddpm_jax.schedules import Schedule
@@ -79,14 +79,7 @@ def heun_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], k
   """
   diffusion.check_options(mean_type, var_type)
   check_heun_options(sched.num_timesteps, num_steps, discretisation, churn)
-  if isinstance(sched.betas, jax.core.Tracer):
-    raise ValueError("heun_sample_loop needs a concrete Schedule: close over it instead of "
-                     "passing it as a traced jit argument.")
-  shape = tuple(shape)
-  if x_T is None:
-    x_T = rng.normal(rng.fold_in(key, 0), shape)
-  elif tuple(x_T.shape) != shape:
-    raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}.")
+  shape, x_T = solvers.host_planned_start("heun_sample_loop", sched, shape, key, x_T)
   betas = np.asarray(sched.betas, np.float64)
   sigmas = heun_sigmas(betas, num_steps, discretisation, rho)
   cur, nxt = sigmas[:-1], sigmas[1:]

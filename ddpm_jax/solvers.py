@@ -132,6 +132,20 @@ def check_solver_options(num_timesteps: int, num_steps, order, thresholding_rati
                     "below [-1, 1]; accepted: a number >= 1 (1 is plain clipping).")
 
 
+def host_planned_start(loop: str, sched: Schedule, shape, key, x_T):
+  """(shape, x_T) of a loop whose steps are planned on the host from a concrete sched: x_T is
+  checked against shape, or drawn from fold_in(key, 0)."""
+  if isinstance(sched.betas, jax.core.Tracer):
+    raise ValueError(f"{loop} needs a concrete Schedule: close over it instead of passing it as "
+                     "a traced jit argument.")
+  shape = tuple(shape)
+  if x_T is None:
+    x_T = rng.normal(rng.fold_in(key, 0), shape)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}.")
+  return shape, x_T
+
+
 def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key, *,
                            num_steps: int, order: int = 2, x_T: Optional[jnp.ndarray] = None,
                            mean_type: str = "eps", var_type: str = "fixedlarge",
@@ -151,14 +165,7 @@ def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[i
   diffusion.check_options(mean_type, var_type)
   T = sched.num_timesteps
   check_solver_options(T, num_steps, order, thresholding_ratio, thresholding_max)
-  if isinstance(sched.betas, jax.core.Tracer):
-    raise ValueError("dpm_solver_sample_loop needs a concrete Schedule: close over it instead "
-                     "of passing it as a traced jit argument.")
-  shape = tuple(shape)
-  if x_T is None:
-    x_T = rng.normal(rng.fold_in(key, 0), shape)
-  elif tuple(x_T.shape) != shape:
-    raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}.")
+  shape, x_T = host_planned_start("dpm_solver_sample_loop", sched, shape, key, x_T)
   timesteps = dpm_solver_timesteps(T, num_steps)
   abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
   coefs = dpm_solver_coefficients(abar, timesteps, order).astype(np.float32)
