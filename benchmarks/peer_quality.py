@@ -268,10 +268,10 @@ class OursModel:
     return _profile.xla_profile(step, compiled, n)
 
   def sample(self, n, ddim_steps, batch, out, timed=True):
-    from ddpm_jax import sampling
+    from ddpm_jax import from_run
     ema = self.par.get(self.state.ema_params[0])
     self.config.sampling.batch_size = batch
-    run = lambda k: np.asarray(sampling.sample(ema, k, config=self.config, num_samples=n,
+    run = lambda k: np.asarray(from_run.sample(ema, k, config=self.config, num_samples=n,
                                                sampler="ddim", num_steps=ddim_steps, eta=0.0))
     key = self.jax.random.PRNGKey(self.config.seed + 1)
     # The first call compiles: time a second one (sampling is cheap next to training here).

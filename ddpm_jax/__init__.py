@@ -1,5 +1,5 @@
 """ddpm_jax: Denoising Diffusion Probabilistic Models (Ho et al., 2020) in JAX/Flax."""
-from ddpm_jax.checkpoint import load
+from ddpm_jax.loading import load
 from ddpm_jax.diffusion import (
     bits_per_dim,
     discretized_gaussian_log_likelihood,
@@ -20,7 +20,8 @@ from ddpm_jax.diffusion import (
 from ddpm_jax.heun import heun_sample_loop
 from ddpm_jax.likelihood import ode_bits_per_dim, ode_likelihood
 from ddpm_jax.respace import respace, space_timesteps
-from ddpm_jax.sampling import ddim_sample_loop, p_sample, p_sample_loop, sample
+from ddpm_jax.from_run import sample
+from ddpm_jax.sampling import ddim_sample_loop, p_sample, p_sample_loop
 from ddpm_jax.solvers import dpm_solver_sample_loop, dpm_solver_timesteps, dynamic_threshold
 from ddpm_jax.schedules import Schedule, get_beta_schedule, make_schedule
 from ddpm_jax.unet import UNet

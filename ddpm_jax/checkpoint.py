@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the training state, and `load(workdir)`.
+"""Orbax checkpoints of the training state: the `Checkpointer` (save, restore, fall back past
+damaged checkpoints; see damaged_checkpoints.py). `load(workdir)` is in loading.py.
 
 A run directory (see ../shared/DESIGN.md, "Workdir layout"; config.json is rundir.py's) holds
 
@@ -18,31 +19,21 @@ writes config.json. `load` is process-local and may be called by any subset.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from ddpm_jax import rundir
+from ddpm_jax import damaged_checkpoints as damaged, rundir
 from ddpm_jax.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 META_ITEM = "meta"
-# Damaged checkpoints are moved here, out of the CheckpointManager's view (it lists every
-# step-named directory of CHECKPOINT_DIR), never deleted: they may still hold what a user wants.
-DAMAGED_DIR = "damaged_checkpoints"
-# What orbax and tensorstore raise for a checkpoint they cannot read: a truncated or missing
-# file (ValueError "OUT_OF_RANGE"/"DATA_LOSS", FileNotFoundError), unreadable JSON
-# (JSONDecodeError, a ValueError), a missing entry (KeyError).
-_READ_ERRORS = (OSError, ValueError, KeyError)
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -252,38 +243,38 @@ class Checkpointer:
   # -- restore
 
   def _state_metadata(self, step: int) -> Any:
-    """The saved state's tree of array metadata; _Damaged if orbax cannot read it."""
+    """The saved state's tree of array metadata; damaged.Damaged if orbax cannot read it."""
     if not (self.directory / str(step) / STATE_ITEM / "_METADATA").exists():
       # Checked here: orbax would only warn, without naming the step, and return no tree.
-      raise _Damaged(f"{STATE_ITEM}/_METADATA is missing")
+      raise damaged.Damaged(f"{STATE_ITEM}/_METADATA is missing")
     try:
       meta = self._manager.item_metadata(step)[STATE_ITEM]
-    except _READ_ERRORS as e:
-      raise _Damaged(_reason(e)) from e
+    except damaged.READ_ERRORS as e:
+      raise damaged.Damaged(damaged.reason(e)) from e
     tree = getattr(meta, "tree", meta)
     if tree is None:  # orbax only warns when state/_METADATA is unreadable
-      raise _Damaged(f"{STATE_ITEM}/_METADATA is unreadable")
+      raise damaged.Damaged(f"{STATE_ITEM}/_METADATA is unreadable")
     return tree
 
   def _read(self, step: int, args: ocp.args.Composite) -> Any:
     try:
       return self._manager.restore(step, args=args)
-    except _READ_ERRORS as e:
-      raise _Damaged(_reason(e)) from e
+    except damaged.READ_ERRORS as e:
+      raise damaged.Damaged(damaged.reason(e)) from e
 
   def _restore_intact(self, step: Optional[int], restore_step) -> Tuple[int, Any]:
     """(step, restore_step(step)) for `step`, or for the newest checkpoint that restores.
 
-    restore_step(step) reads one checkpoint and raises _Damaged when orbax cannot. A damaged
-    latest checkpoint is moved aside (see the class docstring) and the next older one is tried;
-    a damaged `step` asked for by number is a UserError.
+    restore_step(step) reads one checkpoint and raises damaged.Damaged when orbax cannot. A
+    damaged latest checkpoint is moved aside (see the class docstring) and the next older one is
+    tried; a damaged `step` asked for by number is a UserError.
     """
     self.wait()
     if step is not None:
       step = self._resolve_step(step)
       try:
         return step, restore_step(step)
-      except _Damaged as e:
+      except damaged.Damaged as e:
         others = [s for s in self.all_steps() if s != step]
         raise UserError(
             f"Checkpoint step {step} in {self.directory} is damaged ({e}); pass another step "
@@ -292,32 +283,14 @@ class Checkpointer:
     for candidate in reversed(self.all_steps()):
       try:
         return candidate, restore_step(candidate)
-      except _Damaged as e:
-        self._set_aside(candidate, str(e))
+      except damaged.Damaged as e:
+        damaged.set_aside(self.workdir, self.directory, candidate, str(e),
+                          process_local=self._process_local)
+        self._manager.reload()
+    moved_to = epath.Path(self.workdir) / damaged.DAMAGED_DIR
     raise UserError(f"No intact checkpoint in {self.directory}: every one was damaged and was "
-                    f"moved to {epath.Path(self.workdir) / DAMAGED_DIR}; training again with `"
+                    f"moved to {moved_to}; training again with `"
                     f"{train_command(self.workdir)}` starts from step 0.")
-
-  def _set_aside(self, step: int, reason: str) -> None:
-    """Moves damaged checkpoint `step` out of the manager's view (never deletes it)."""
-    source = self.directory / str(step)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    destination = epath.Path(self.workdir) / DAMAGED_DIR / f"{step}-{stamp}"
-    moved = ""
-    if self._process_local or jax.process_index() == 0:
-      try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        source.rename(destination)
-        moved = f"moved it to {destination}"
-      except OSError as e:  # e.g. a read-only workdir: the checkpoint stays where it is
-        moved = f"could not move it aside ({e.strerror or e})"
-    else:
-      moved = f"process 0 moves it to {destination}"
-    logging.warning("Checkpoint step %d in %s is damaged (%s); %s, and using the newest intact "
-                    "checkpoint before it.", step, self.directory, reason, moved)
-    if not self._process_local and jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"ddpm_jax_set_aside_{step}")
-    self._manager.reload()
 
   def restore(self, step: Optional[int] = None, *, target: Any = None) -> Tuple[Any, Dict]:
     """(state, meta) of checkpoint `step` (the newest intact one by default); leaves are host
@@ -408,55 +381,3 @@ class Checkpointer:
     return tree[str(ema_index)] if isinstance(tree, dict) else tree[ema_index]
 
 
-class _Damaged(Exception):
-  """orbax could not read a checkpoint; the message says why, in one line."""
-
-
-def _reason(error: Exception) -> str:
-  """An orbax/tensorstore error in one short line (theirs carry the whole tensorstore spec)."""
-  text = str(error).split(" [tensorstore_spec=")[0].splitlines()
-  parts = (text[0] if text else "").split(": ")
-  # tensorstore nests its causes ("OUT_OF_RANGE: Error opening ...: ...: the cause"): keep the
-  # code and the innermost cause.
-  text = ": ... ".join((parts[0], parts[-1])) if len(parts) > 2 else ": ".join(parts)
-  text = text if len(text) <= 300 else text[:300] + " ..."
-  return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-# ----------------------------------------------------------------------------- load
-
-
-def load_with_step(workdir: str, *, step: Optional[int] = None
-                   ) -> Tuple[int, Any, ml_collections.ConfigDict]:
-  """(the step loaded, EMA params, config): `load`, saying which step it read. One Checkpointer
-  resolves the step and reads it, so sampling and evaluation name the step they used."""
-  root = epath.Path(workdir)
-  if not root.exists():
-    raise MissingFileError(f"Workdir {workdir} does not exist; pass the --workdir of a "
-                           "training run.")
-  if not root.is_dir():
-    raise UserError(f"Workdir {workdir} is not a directory; pass the --workdir of a "
-                    "training run.")
-  config = rundir.read_config(workdir)
-  names = rundir.read_class_names(workdir)
-  if names:  # a folder labelled by its subfolders: for sample(..., labels="name")
-    config.data.class_names = names
-  if not (root / CHECKPOINT_DIR).is_dir():
-    raise MissingFileError(f"No checkpoint in {root / CHECKPOINT_DIR}; train first with `"
-                           f"{train_command(workdir)}`.")
-  with Checkpointer(workdir, keep=None, read_only=True, process_local=True) as ckpt:
-    step, params = ckpt.restore_params_with_step(step)
-  return step, params, config
-
-
-def load(workdir: str, *, step: Optional[int] = None) -> Tuple[Any, ml_collections.ConfigDict]:
-  """(EMA params, config) of a training run: the main EMA tree of checkpoint `step` (the newest
-  intact one by default; a damaged latest checkpoint is moved aside with a warning) as nested
-  dicts of float32 numpy arrays, for `UNet(**config.model).apply({"params": ema_params}, ...)`,
-  and the run's own config.
-
-  Reads only (but for moving a damaged checkpoint aside); works on any number of devices and
-  in any subset of a job's processes.
-  """
-  _, params, config = load_with_step(workdir, step=step)
-  return params, config

@@ -28,8 +28,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (checkpoint, data, diffusion, fid, generate, inception, placement, rundir,
-                      sampling, settings)
+from ddpm_jax import (data, diffusion, fid, from_run, generate, inception, loading, placement,
+                      rundir, settings)
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress
 
@@ -49,7 +49,7 @@ def _compiled_bpd(model_settings: settings.ModelSettings, d: settings.DiffusionS
   conditional = bool(model_settings.num_classes)
 
   def bpd(params, x0, labels, keys):
-    model_fn = sampling.guided_model_fn(model, params, labels if conditional else None, 0.0)
+    model_fn = from_run.guided_model_fn(model, params, labels if conditional else None, 0.0)
     out = diffusion.bits_per_dim(sched, model_fn, x0, keys, mean_type=d.mean_type,
                                  var_type=d.var_type, clip_denoised=False)
     return out["total_bpd"], out["prior_bpd"], out["terms_bpd"]
@@ -251,8 +251,8 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     diffusion.check_choice("eval metric", m, METRICS)
   if not metrics:
     raise UserError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
-  step, params, _ = checkpoint.load_with_step(workdir, step=step)
-  sampling.check_params(params, config)
+  step, params, _ = loading.load_with_step(workdir, step=step)
+  from_run.check_params(params, config)
   variables, missing_weights = None, None
   if "fid" in metrics:
     try:
@@ -318,7 +318,7 @@ class TrainingEvaluator:
       if self.reference is None:
         self.reference = reference_statistics(self.config, self.workdir, self.variables,
                                               all_hosts=False)
-      images = sampling.sample(params, generate.sample_key(self.config), config=self.config,
+      images = from_run.sample(params, generate.sample_key(self.config), config=self.config,
                                num_samples=self.num_fid)
       pool, logits = fid.inception_features(self.variables, np.asarray(images),
                                             batch_size=self.config.eval.batch_size)

@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpoint, placement, rundir, sampling, settings
+from ddpm_jax import from_run, loading, placement, rundir, settings
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress, save_png
 
@@ -113,9 +113,9 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
   num_samples = config.sampling.num_samples if num_samples is None else num_samples
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
     raise UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
-  sampling.check_settings(config)
+  from_run.check_settings(config)
   if params is None or step is None:
-    step, params, _ = checkpoint.load_with_step(workdir, step=step)
+    step, params, _ = loading.load_with_step(workdir, step=step)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
 
@@ -138,12 +138,12 @@ def generate(config, workdir: str, *, num_samples: Optional[int] = None,
   params = placement.replicate(params)  # on the devices once, not once per shard
   for k in todo:
     index = indices(k)
-    images = sampling.sample(params, key, config=config, num_samples=len(index),
+    images = from_run.sample(params, key, config=config, num_samples=len(index),
                              first_index=int(index[0]))
     pixels = np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     arrays = dict(images=pixels, index=index.astype(np.int64))
     if config.model.num_classes:
-      arrays["labels"] = sampling.sample_labels(config, key, index)
+      arrays["labels"] = from_run.sample_labels(config, key, index)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     rundir.write_atomically(shard_path(directory, k), buffer.getvalue())

@@ -23,7 +23,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from ddpm_jax import checkpoint, data, diffusion, evaluation, placement, rundir, sampling, settings
+from ddpm_jax import (checkpoint, data, diffusion, evaluation, from_run, placement, rundir,
+                      settings)
 from ddpm_jax.errors import NonFiniteLossError, UserError
 from ddpm_jax.preemption import Interrupted, Preemption
 from ddpm_jax.reporting import Reporter
@@ -345,7 +346,7 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0) 
       if tc.sample_every and (step % tc.sample_every == 0 or last) and jax.process_index() == 0:
         ema = par.get(p_state.ema_params[0])
         n = min(64, config.sampling.num_samples)
-        reporter.samples(step, np.asarray(sampling.sample(ema, sample_key, config=config,
+        reporter.samples(step, np.asarray(from_run.sample(ema, sample_key, config=config,
                                                           num_samples=n)))
       if evaluator and (step % tc.eval_every == 0 or last) and jax.process_index() == 0:
         scalars = evaluator(step, par.get(p_state.ema_params[0]))

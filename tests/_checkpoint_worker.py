@@ -35,7 +35,7 @@ def two_process(process_id, port, workdir, out):
                              process_id=process_id, initialization_timeout=60)
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
-  from ddpm_jax import checkpoint, rundir  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import checkpoint, loading, rundir  # pylint: disable=import-outside-toplevel
   assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(),
                                                                 jax.device_count())
 
@@ -63,7 +63,7 @@ def two_process(process_id, port, workdir, out):
   restored["steps"] = np.asarray(steps)
   ckpt.close()
   if process_id == 1:  # load() alone on one process: process-local, no barrier with process 0
-    params, config = checkpoint.load(workdir)
+    params, config = loading.load(workdir)
     restored["load_kernel"] = params["dense"]["kernel"]
     restored["load_ch_mult"] = np.asarray(config.model.ch_mult)
   np.savez(out, **restored)

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import default
-from ddpm_jax import checkpoint, rundir
+from ddpm_jax import checkpoint, loading, rundir
 from ddpm_jax.errors import UserError
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_checkpoint_worker.py")
@@ -311,33 +311,33 @@ def test_load_returns_the_first_ema_tree_and_the_config(tmp_path, ema_form):
         state["ema_params"] = [state["ema_params"]["0"], state["ema_params"]["1"]]
       ckpt.save(step, state, {"step": step})
 
-  params, got = checkpoint.load(workdir)
+  params, got = loading.load(workdir)
   assert got.to_dict() == config.to_dict() and got.model.ch_mult == (1, 2)
   expected = jax.tree_util.tree_map(lambda p: p * 2, _train_state(4)["params"])
   assert set(params) == {"conv_in", "dense"}
   _leaves_equal(params, expected)
   assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(params))
 
-  params, _ = checkpoint.load(workdir, step=2)
+  params, _ = loading.load(workdir, step=2)
   _leaves_equal(params, jax.tree_util.tree_map(lambda p: p * 2, _train_state(2)["params"]))
   with pytest.raises(ValueError, match=r"No checkpoint of step 3 in .*available steps: 2, 4\."):
-    checkpoint.load(workdir, step=3)
+    loading.load(workdir, step=3)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # read only
 
 
 def test_load_error_messages(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist") as e:
-    checkpoint.load(str(tmp_path / "nope"))
+    loading.load(str(tmp_path / "nope"))
   assert str(tmp_path / "nope") in str(e.value)
 
   with pytest.raises(FileNotFoundError, match="not a ddpm_jax run directory: it has no "
                                               "config.json"):
-    checkpoint.load(str(tmp_path))
+    loading.load(str(tmp_path))
 
   rundir.write_or_check_config(str(tmp_path), default.get_config())
   for _ in range(2):  # no checkpoints/ at all, then an empty checkpoints/
     with pytest.raises(FileNotFoundError) as e:
-      checkpoint.load(str(tmp_path))
+      loading.load(str(tmp_path))
     assert "No checkpoint in" in str(e.value)
     assert f"python main.py --config=configs/<dataset>.py --workdir={tmp_path}" in str(e.value)
     (tmp_path / "checkpoints").mkdir(exist_ok=True)
@@ -345,7 +345,7 @@ def test_load_error_messages(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path), keep=1) as ckpt:
     ckpt.save(1, {"params": {"w": np.zeros(2, np.float32)}})
   with pytest.raises(ValueError, match=r"has no ema_params\[0\] .*not a ddpm_jax training state"):
-    checkpoint.load(str(tmp_path))
+    loading.load(str(tmp_path))
 
 
 def test_restore_params_only_reads_one_tree_as_float32(tmp_path):
@@ -400,7 +400,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_newest_intact_one_us
   _saved_run(workdir, (1, 2, 3))
   damage(workdir, 3, how)
   caplog.set_level(logging.WARNING)
-  params, _ = checkpoint.load(workdir)
+  params, _ = loading.load(workdir)
   _leaves_equal(params, _ema(2))
   warnings = _damage_warnings(caplog)
   assert len(warnings) == 1 and "Checkpoint step 3 in" in warnings[0], warnings
@@ -412,7 +412,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_newest_intact_one_us
   assert len(aside) == 1 and aside[0].startswith("3-"), aside
   assert os.path.exists(os.path.join(workdir, "damaged_checkpoints", aside[0], "meta"))
   caplog.clear()
-  _leaves_equal(checkpoint.load(workdir)[0], _ema(2))
+  _leaves_equal(loading.load(workdir)[0], _ema(2))
   assert not _damage_warnings(caplog)
 
   # The full restore (resuming training) falls back in the same way, and says which step.
@@ -432,13 +432,13 @@ def test_a_damaged_step_asked_for_by_number_is_a_user_error(tmp_path, caplog):
   damage(workdir, 1, "truncated")
   with pytest.raises(UserError, match=r"Checkpoint step 1 in .* is damaged \(ValueError: "
                                       r"OUT_OF_RANGE: .*\); pass another step \(the others: 2\)"):
-    checkpoint.load(workdir, step=1)
+    loading.load(workdir, step=1)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]  # not moved
-  _leaves_equal(checkpoint.load(workdir)[0], _ema(2))
+  _leaves_equal(loading.load(workdir)[0], _ema(2))
   # Nothing intact at all: one sentence, and everything is kept aside.
   damage(workdir, 2, "no_metadata")
   with pytest.raises(UserError, match=r"No intact checkpoint in .*moved to .*damaged_checkpoints"):
-    checkpoint.load(workdir)
+    loading.load(workdir)
   assert len(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == 2
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import evaluation, generate, rundir, sampling, settings, train
+from ddpm_jax import evaluation, from_run, generate, rundir, sampling, settings, train
 from ddpm_jax.errors import UserError
 from tests.test_checkpoint import damage
 from tests.test_loop import ROOT, smoke_config
@@ -143,14 +143,14 @@ def test_class_conditional_labels_and_guidance():
   w = 1.5
   cond = model.apply({"params": params}, x, t, y=y)
   uncond = model.apply({"params": params}, x, t, y=jnp.full((3,), 3))
-  guided = sampling.guided_model_fn(model, params, y, w)(x, t)
+  guided = from_run.guided_model_fn(model, params, y, w)(x, t)
   np.testing.assert_allclose(np.asarray(guided), np.asarray((1 + w) * cond - w * uncond),
                              rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(sampling.guided_model_fn(model, params, y, 0.0)(x, t)),
+  np.testing.assert_allclose(np.asarray(from_run.guided_model_fn(model, params, y, 0.0)(x, t)),
                              np.asarray(cond), rtol=1e-6)
 
   key = jax.random.PRNGKey(2)
-  drawn = sampling.sample_labels(config, key, np.arange(6))
+  drawn = from_run.sample_labels(config, key, np.arange(6))
   assert drawn.shape == (6,) and drawn.min() >= 0 and drawn.max() < 3
   a = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w)
   b = ddpm_jax.sample(params, key, config=config, num_samples=6, guidance_scale=w, labels=drawn)
@@ -217,8 +217,8 @@ def test_sample_mode_writes_shards_and_resumes_without_recomputing(run, tmp_path
   mtimes = {f: os.stat(os.path.join(directory, f)).st_mtime_ns for f in _shards(directory)}
   os.remove(os.path.join(directory, "shard_000001.npz"))
   calls = []
-  real_sample = sampling.sample
-  monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
+  real_sample = from_run.sample
+  monkeypatch.setattr(from_run, "sample", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
   generate.generate(config, run)
   assert [c["first_index"] for c in calls] == [4]
   for f in ("shard_000000.npz", "shard_000002.npz"):

@@ -15,7 +15,7 @@ import pytest
 from scipy.special import ndtr
 
 import ddpm_jax
-from ddpm_jax import generate, sampling, settings
+from ddpm_jax import from_run, generate, settings
 from ddpm_jax.errors import UserError
 from tests.test_loop import smoke_config
 
@@ -191,10 +191,10 @@ def test_sample_with_guidance_is_the_loop_on_1_and_8_devices(conditional):
   eight = ddpm_jax.sample(params, key, config=config, num_samples=8)
   one = ddpm_jax.sample(params, key, config=config, num_samples=8, devices=jax.local_devices()[:1])
   np.testing.assert_allclose(np.asarray(eight), np.asarray(one), rtol=0, atol=2e-5)
-  labels = sampling.sample_labels(config, key, np.arange(8))
+  labels = from_run.sample_labels(config, key, np.arange(8))
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(8))
   sched = settings.Settings.from_config(config).diffusion.make_schedule()
-  guided = sampling.guided_model_fn(model, params, jnp.asarray(labels), 1.5)
+  guided = from_run.guided_model_fn(model, params, jnp.asarray(labels), 1.5)
   loop = lambda order: np.clip(np.asarray(ddpm_jax.dpm_solver_sample_loop(
       sched, guided, (8, 8, 8, 1), keys, num_steps=6, order=order)), -1, 1)
   want = loop(3)
