@@ -35,7 +35,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import continuous, diffusion
+from ddpm_jax import continuous, diffusion, rng
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.schedules import Schedule
 
@@ -45,11 +45,18 @@ BITS_OFFSET = 7.0  # log2(128): [-1, 1] -> the 8-bit scale [0, 256)
 EVALS_PER_STEP, EVALS_AT_START = 6, 1
 
 
+def _draw(sampler, key, shape, dtype):
+  """sampler(key, shape, dtype) from one key, or row b from key[b] alone for a key batch."""
+  if rng.is_key_batch(key):
+    return jax.vmap(lambda k: sampler(k, shape[1:], dtype))(key)
+  return sampler(key, shape, dtype)
+
+
 def dequantize_images(x0: jnp.ndarray, key) -> jnp.ndarray:
   """score_sde's uniform dequantization of images in [-1, 1] on 256 levels: (level + u) / 128 - 1,
   u ~ U[0, 1) per dimension; x0 off the grid is rounded to it first. Same shape, in [-1, 1)."""
   level = jnp.clip(jnp.round((x0 + 1.0) * 127.5), 0.0, 255.0)
-  return (level + jax.random.uniform(key, x0.shape, x0.dtype)) / 128.0 - 1.0
+  return (level + _draw(jax.random.uniform, key, x0.shape, x0.dtype)) / 128.0 - 1.0
 
 
 def probability_flow(sched: Schedule, model_fn: ModelFn, *, mean_type: str = "eps",
@@ -86,7 +93,7 @@ def integrate(sched: Schedule, model_fn: ModelFn, x: jnp.ndarray, probe_key, *, 
   """Solves the ODE with its divergence from t_start to t_end: (x(t_end) [B, ...],
   integral of div f [B], diffrax stats). ode_likelihood integrates 0 -> T-1 (data -> noise)."""
   f = probability_flow(sched, model_fn, mean_type=mean_type, var_type=var_type)
-  probe = jax.random.rademacher(probe_key, x.shape, x.dtype)
+  probe = _draw(jax.random.rademacher, probe_key, x.shape, x.dtype)
 
   def field(t, state, args):
     x, _ = state
@@ -125,7 +132,9 @@ def ode_likelihood(sched: Schedule, model_fn: ModelFn, x0: jnp.ndarray, key, *,
   Returns dict(bpd [B], prior_bpd [B] (the prior's share), z (the state at t = T-1, x0's
   latent), nfe (model-derivative evaluations:
   each is one jvp through the model, or D of them with exact_trace), num_steps (solver steps,
-  rejected ones included)). key draws the dequantization noise and the Hutchinson probes.
+  rejected ones included)). key draws the dequantization noise (from fold_in(key, 0)) and the
+  Hutchinson probes (fold_in(key, 1)); one key per example ([B] keys, as rng.py) makes an
+  example's draws its own.
   rtol, atol: the solver's tolerances (score_sde's 1e-5); max_steps: diffrax raises an error
   past that many steps. Results depend slightly on the batch: the step size is
   controlled over the whole batch state. The standard error of the batch mean:
@@ -137,7 +146,7 @@ def ode_likelihood(sched: Schedule, model_fn: ModelFn, x0: jnp.ndarray, key, *,
   if x0.ndim < 2:
     raise ValueError(f"x0 must be a batch [B, ...], got shape {tuple(x0.shape)}.")
   x0 = jnp.asarray(x0, jnp.float32)
-  deq_key, probe_key = jax.random.split(key)
+  deq_key, probe_key = rng.fold_in(key, 0), rng.fold_in(key, 1)
   x = dequantize_images(x0, deq_key) if dequantize else x0
   z, div, stats = integrate(sched, model_fn, x, probe_key, t_start=0.0,
                             t_end=sched.num_timesteps - 1, exact_trace=exact_trace,
