@@ -1,5 +1,6 @@
 """Sample quality against the number of steps: ancestral (1000, respaced 100 and 50), DDIM
-(eta = 0) and DPM-Solver++ (orders 2 and 3) at 5, 10, 20 and 50 steps.
+(eta = 0) and DPM-Solver++ (orders 2 and 3) at 5, 10, 20 and 50 steps, and EDM's Heun sampler
+(DDPM sigmas) at 3, 5, 10 and 25 steps, i.e. 5, 9, 19 and 49 model evaluations.
 
     python benchmarks/sampler_quality.py --parts gmm                       # seconds to minutes
     python main.py --config=configs/digits.py --workdir=/tmp/ddpm-digits   # train the model first
@@ -40,12 +41,12 @@ from ddpm_jax import settings  # noqa: E402
 
 
 
-def samplers(steps, ancestral=(1000, 100, 50)):
+def samplers(steps, ancestral=(1000, 100, 50), heun=()):
   """[(name, order, num_steps)] of the table's rows."""
   rows = [("ancestral", 0, n) for n in ancestral]
   for n in steps:
     rows += [("ddim", 0, n), ("dpm_solver", 2, n), ("dpm_solver", 3, n)]
-  return rows
+  return rows + [("heun", 0, n) for n in heun]
 
 
 def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
@@ -58,6 +59,9 @@ def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
                                               **kw)
   if name == "ddim":
     return lambda key: ddpm_jax.ddim_sample_loop(sched, model_fn, shape, key,
+                                                 num_steps=num_steps, **kw)
+  if name == "heun":
+    return lambda key: ddpm_jax.heun_sample_loop(sched, model_fn, shape, key,
                                                  num_steps=num_steps, **kw)
   return lambda key: ddpm_jax.dpm_solver_sample_loop(sched, model_fn, shape, key,
                                                      num_steps=num_steps, order=order, **kw)
@@ -74,7 +78,8 @@ def run_rows(report, rows, make_chain, key, score):
     x = jax.block_until_ready(compiled(key))
     run_s = time.perf_counter() - start
     label = f"dpm_solver++({order})" if name == "dpm_solver" else name
-    report(f"{label:<16} {n:>5} {n:>5} {compile_s:>9.1f} {run_s:>8.2f} "
+    nfe = 2 * n - 1 if name == "heun" else n
+    report(f"{label:<16} {n:>5} {nfe:>5} {compile_s:>9.1f} {run_s:>8.2f} "
            f"{score(np.asarray(x, np.float64)):>8.4f}")
 
 
@@ -126,7 +131,7 @@ class Mixture:
     return float(np.mean(out))
 
 
-def part_gmm(report, steps, ancestral, num_samples):
+def part_gmm(report, steps, ancestral, num_samples, heun=()):
   mix = Mixture()
   sched = ddpm_jax.make_schedule("linear", 1000)
   model = mix.eps_model(sched)
@@ -135,7 +140,7 @@ def part_gmm(report, steps, ancestral, num_samples):
          f"schedule T=1000, {num_samples} samples, clip_denoised=False; score: mean over "
          f"dimensions of the marginals' W2; floor (exact samples): "
          f"{mix.marginal_w2(mix.sample(num_samples, 1)):.4f}")
-  run_rows(report, samplers(steps, ancestral),
+  run_rows(report, samplers(steps, ancestral, heun),
            lambda name, order, n: chain(sched, model, shape, name, order, n, False),
            jax.random.key(0), mix.marginal_w2)
 
@@ -143,7 +148,7 @@ def part_gmm(report, steps, ancestral, num_samples):
 # ----------------------------------------------------------------------------- (b) digits
 
 
-def part_digits(report, steps, ancestral, num_samples, workdir, step):
+def part_digits(report, steps, ancestral, num_samples, workdir, step, heun=()):
   params, config = ddpm_jax.load(workdir, step=step)
   model = settings.Settings.from_config(config).model.make_model()
   model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
@@ -156,7 +161,7 @@ def part_digits(report, steps, ancestral, num_samples, workdir, step):
          f"accuracy {frechet.accuracy:.3f}); the 297 test images score "
          f"{frechet.floor():.3f}")
   shape = (num_samples, size, size, channels)
-  run_rows(report, samplers(steps, ancestral),
+  run_rows(report, samplers(steps, ancestral, heun),
            lambda name, order, n: chain(sched, model_fn, shape, name, order, n, True),
            jax.random.key(0), lambda x: frechet.distance(to_uint8(x)))
 
@@ -166,6 +171,7 @@ def main():
   parser.add_argument("--parts", default="gmm,digits", help="gmm and/or digits")
   parser.add_argument("--steps", default="5,10,20,50", help="of DDIM and DPM-Solver++")
   parser.add_argument("--ancestral", default="1000,100,50", help="ancestral steps ('' for none)")
+  parser.add_argument("--heun", default="3,5,10,25", help="Heun steps ('' for none)")
   parser.add_argument("--gmm_samples", type=int, default=10000)
   parser.add_argument("--digits_samples", type=int, default=256)
   parser.add_argument("--workdir", default="/tmp/ddpm-digits", help="a configs/digits.py run")
@@ -173,13 +179,14 @@ def main():
   args = parser.parse_args()
   steps = [int(s) for s in args.steps.split(",")]
   ancestral = [int(s) for s in args.ancestral.split(",") if s]
+  heun = [int(s) for s in args.heun.split(",") if s]
   report = Report("Sample quality against steps", packages=("scikit-learn",))
   report(f"on {device_line()}")
   parts = args.parts.split(",")
   if "gmm" in parts:
-    part_gmm(report, steps, ancestral, args.gmm_samples)
+    part_gmm(report, steps, ancestral, args.gmm_samples, heun)
   if "digits" in parts:
-    part_digits(report, steps, ancestral, args.digits_samples, args.workdir, args.step)
+    part_digits(report, steps, ancestral, args.digits_samples, args.workdir, args.step, heun)
   report.save()
 
 
