@@ -129,16 +129,15 @@ def ode_likelihood(sched: Schedule, model_fn: ModelFn, x0: jnp.ndarray, key, *,
                    max_steps: int = 4096) -> Dict[str, jnp.ndarray]:
   """The probability-flow ODE's NLL of images x0 [B, ...] in [-1, 1] (module docstring).
 
-  Returns dict(bpd [B], prior_bpd [B] (the prior's share), z (the state at t = T-1, x0's
-  latent), nfe (model-derivative evaluations:
-  each is one jvp through the model, or D of them with exact_trace), num_steps (solver steps,
-  rejected ones included)). key draws the dequantization noise (from fold_in(key, 0)) and the
-  Hutchinson probes (fold_in(key, 1)); one key per example ([B] keys, as rng.py) makes an
-  example's draws its own.
+  Returns dict(bpd [B]; prior_bpd [B], the prior's share -log2 N(z; 0, I) / D (bpd is prior_bpd
+  - integral of div f / (D ln 2) + 7); z [B, ...], the state at t = T-1 (x0's latent); nfe,
+  the evaluations of the ODE's field, each one jvp through the model (D of them with
+  exact_trace); num_steps, the solver's steps, rejected ones included). key draws the
+  dequantization noise (from fold_in(key, 0)) and the Hutchinson probes (fold_in(key, 1)); one
+  key per example ([B] keys, as rng.py) makes an example's draws its own.
   rtol, atol: the solver's tolerances (score_sde's 1e-5); max_steps: diffrax raises an error
-  past that many steps. Results depend slightly on the batch: the step size is
-  controlled over the whole batch state. The standard error of the batch mean:
-  standard_error(out["bpd"]).
+  past that many steps. Results depend slightly on the batch: the step size is controlled over
+  the whole batch state. The standard error of the batch mean: standard_error(out["bpd"]).
   """
   diffusion.check_options(mean_type, var_type)
   if sched.num_timesteps < 2:
