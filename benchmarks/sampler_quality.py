@@ -1,6 +1,7 @@
 """Sample quality against the number of steps: ancestral (1000, respaced 100 and 50), DDIM
 (eta = 0) and DPM-Solver++ (orders 2 and 3) at 5, 10, 20 and 50 steps, and EDM's Heun sampler
-(DDPM sigmas) at 3, 5, 10 and 25 steps, i.e. 5, 9, 19 and 49 model evaluations.
+at 3, 5, 10 and 25 steps, i.e. 5, 9, 19 and 49 model evaluations, on the DDPM's own sigmas
+(`heun`) and on EDM's rho = 7 spacing of them (`heun(rho=7)`).
 
     python benchmarks/sampler_quality.py --parts gmm                       # seconds to minutes
     python main.py --config=configs/digits.py --workdir=/tmp/ddpm-digits   # train the model first
@@ -46,7 +47,8 @@ def samplers(steps, ancestral=(1000, 100, 50), heun=()):
   rows = [("ancestral", 0, n) for n in ancestral]
   for n in steps:
     rows += [("ddim", 0, n), ("dpm_solver", 2, n), ("dpm_solver", 3, n)]
-  return rows + [("heun", 0, n) for n in heun]
+  # order 0: the DDPM's own sigmas; 7: EDM's rho = 7 spacing of them.
+  return rows + [("heun", rho, n) for rho in (0, 7) for n in heun]
 
 
 def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
@@ -61,8 +63,9 @@ def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
     return lambda key: ddpm_jax.ddim_sample_loop(sched, model_fn, shape, key,
                                                  num_steps=num_steps, **kw)
   if name == "heun":
-    return lambda key: ddpm_jax.heun_sample_loop(sched, model_fn, shape, key,
-                                                 num_steps=num_steps, **kw)
+    return lambda key: ddpm_jax.heun_sample_loop(
+        sched, model_fn, shape, key, num_steps=num_steps,
+        discretisation="edm" if order else "ddpm", **kw)
   return lambda key: ddpm_jax.dpm_solver_sample_loop(sched, model_fn, shape, key,
                                                      num_steps=num_steps, order=order, **kw)
 
@@ -77,7 +80,8 @@ def run_rows(report, rows, make_chain, key, score):
     start = time.perf_counter()
     x = jax.block_until_ready(compiled(key))
     run_s = time.perf_counter() - start
-    label = f"dpm_solver++({order})" if name == "dpm_solver" else name
+    label = {"dpm_solver": f"dpm_solver++({order})",
+             "heun": "heun(rho=7)" if order else "heun"}.get(name, name)
     nfe = 2 * n - 1 if name == "heun" else n
     report(f"{label:<16} {n:>5} {nfe:>5} {compile_s:>9.1f} {run_s:>8.2f} "
            f"{score(np.asarray(x, np.float64)):>8.4f}")
@@ -101,12 +105,18 @@ class Mixture:
     return self.mu[k] + self.std[k, None] * rng.standard_normal((n, self.mu.shape[1]))
 
   def eps_model(self, sched):
-    """The exact eps-predictor model_fn(x [B, D], t [B]) under `sched` (float32)."""
-    abar = jnp.asarray(np.cumprod(1.0 - np.asarray(sched.betas, np.float64)), jnp.float32)
+    """The exact eps-predictor model_fn(x [B, D], t [B]) under `sched` (float32); a float t
+    (heun(rho=7)) is continuous time, log abar linear between integer steps."""
+    abar64 = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
+    abar, log_abar = (jnp.asarray(a, jnp.float32) for a in (abar64, np.log(abar64)))
     w, mu, var0 = (jnp.asarray(a, jnp.float32) for a in (self.w, self.mu, self.std ** 2))
 
     def model(x, t):
-      a, s2 = jnp.sqrt(abar[t])[:, None], (1.0 - abar[t])[:, None]  # [B, 1]
+      if jnp.issubdtype(t.dtype, jnp.integer):
+        abar_t = abar[t]
+      else:
+        abar_t = jnp.exp(jnp.interp(t, jnp.arange(len(abar64), dtype=jnp.float32), log_abar))
+      a, s2 = jnp.sqrt(abar_t)[:, None], (1.0 - abar_t)[:, None]  # [B, 1]
       var = a ** 2 * var0[None] + s2  # [B, K]: each component's variance at t
       diff = x[:, None, :] - a[:, :, None] * mu[None]  # [B, K, D]
       logp = (jnp.log(w)[None] - 0.5 * jnp.sum(diff ** 2, -1) / var
@@ -177,7 +187,7 @@ def main():
   parser.add_argument("--workdir", default="/tmp/ddpm-digits", help="a configs/digits.py run")
   parser.add_argument("--step", type=int, default=None, help="its checkpoint (default: latest)")
   args = parser.parse_args()
-  steps = [int(s) for s in args.steps.split(",")]
+  steps = [int(s) for s in args.steps.split(",") if s]
   ancestral = [int(s) for s in args.ancestral.split(",") if s]
   heun = [int(s) for s in args.heun.split(",") if s]
   report = Report("Sample quality against steps", packages=("scikit-learn",))
