@@ -1,5 +1,7 @@
 """Sample quality against the number of steps: ancestral (1000, respaced 100 and 50), DDIM
-(eta = 0) and DPM-Solver++ (orders 2 and 3) at 5, 10, 20 and 50 steps.
+(eta = 0) and DPM-Solver++ (orders 2 and 3) at 5, 10, 20 and 50 steps, and EDM's Heun sampler
+at 3, 5, 10 and 25 steps, i.e. 5, 9, 19 and 49 model evaluations, on the DDPM's own sigmas
+(`heun`) and on EDM's rho = 7 spacing of them (`heun(rho=7)`).
 
     python benchmarks/sampler_quality.py --parts gmm                       # seconds to minutes
     python main.py --config=configs/digits.py --workdir=/tmp/ddpm-digits   # train the model first
@@ -40,12 +42,13 @@ from ddpm_jax import settings  # noqa: E402
 
 
 
-def samplers(steps, ancestral=(1000, 100, 50)):
+def samplers(steps, ancestral=(1000, 100, 50), heun=()):
   """[(name, order, num_steps)] of the table's rows."""
   rows = [("ancestral", 0, n) for n in ancestral]
   for n in steps:
     rows += [("ddim", 0, n), ("dpm_solver", 2, n), ("dpm_solver", 3, n)]
-  return rows
+  # order 0: the DDPM's own sigmas; 7: EDM's rho = 7 spacing of them.
+  return rows + [("heun", rho, n) for rho in (0, 7) for n in heun]
 
 
 def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
@@ -59,6 +62,10 @@ def chain(sched, model_fn, shape, name, order, num_steps, clip_denoised):
   if name == "ddim":
     return lambda key: ddpm_jax.ddim_sample_loop(sched, model_fn, shape, key,
                                                  num_steps=num_steps, **kw)
+  if name == "heun":
+    return lambda key: ddpm_jax.heun_sample_loop(
+        sched, model_fn, shape, key, num_steps=num_steps,
+        discretisation="edm" if order else "ddpm", **kw)
   return lambda key: ddpm_jax.dpm_solver_sample_loop(sched, model_fn, shape, key,
                                                      num_steps=num_steps, order=order, **kw)
 
@@ -73,8 +80,10 @@ def run_rows(report, rows, make_chain, key, score):
     start = time.perf_counter()
     x = jax.block_until_ready(compiled(key))
     run_s = time.perf_counter() - start
-    label = f"dpm_solver++({order})" if name == "dpm_solver" else name
-    report(f"{label:<16} {n:>5} {n:>5} {compile_s:>9.1f} {run_s:>8.2f} "
+    label = {"dpm_solver": f"dpm_solver++({order})",
+             "heun": "heun(rho=7)" if order else "heun"}.get(name, name)
+    nfe = 2 * n - 1 if name == "heun" else n
+    report(f"{label:<16} {n:>5} {nfe:>5} {compile_s:>9.1f} {run_s:>8.2f} "
            f"{score(np.asarray(x, np.float64)):>8.4f}")
 
 
@@ -96,12 +105,18 @@ class Mixture:
     return self.mu[k] + self.std[k, None] * rng.standard_normal((n, self.mu.shape[1]))
 
   def eps_model(self, sched):
-    """The exact eps-predictor model_fn(x [B, D], t [B]) under `sched` (float32)."""
-    abar = jnp.asarray(np.cumprod(1.0 - np.asarray(sched.betas, np.float64)), jnp.float32)
+    """The exact eps-predictor model_fn(x [B, D], t [B]) under `sched` (float32); a float t
+    (heun(rho=7)) is continuous time, log abar linear between integer steps."""
+    abar64 = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
+    abar, log_abar = (jnp.asarray(a, jnp.float32) for a in (abar64, np.log(abar64)))
     w, mu, var0 = (jnp.asarray(a, jnp.float32) for a in (self.w, self.mu, self.std ** 2))
 
     def model(x, t):
-      a, s2 = jnp.sqrt(abar[t])[:, None], (1.0 - abar[t])[:, None]  # [B, 1]
+      if jnp.issubdtype(t.dtype, jnp.integer):
+        abar_t = abar[t]
+      else:
+        abar_t = jnp.exp(jnp.interp(t, jnp.arange(len(abar64), dtype=jnp.float32), log_abar))
+      a, s2 = jnp.sqrt(abar_t)[:, None], (1.0 - abar_t)[:, None]  # [B, 1]
       var = a ** 2 * var0[None] + s2  # [B, K]: each component's variance at t
       diff = x[:, None, :] - a[:, :, None] * mu[None]  # [B, K, D]
       logp = (jnp.log(w)[None] - 0.5 * jnp.sum(diff ** 2, -1) / var
@@ -126,7 +141,7 @@ class Mixture:
     return float(np.mean(out))
 
 
-def part_gmm(report, steps, ancestral, num_samples):
+def part_gmm(report, steps, ancestral, num_samples, heun=()):
   mix = Mixture()
   sched = ddpm_jax.make_schedule("linear", 1000)
   model = mix.eps_model(sched)
@@ -135,7 +150,7 @@ def part_gmm(report, steps, ancestral, num_samples):
          f"schedule T=1000, {num_samples} samples, clip_denoised=False; score: mean over "
          f"dimensions of the marginals' W2; floor (exact samples): "
          f"{mix.marginal_w2(mix.sample(num_samples, 1)):.4f}")
-  run_rows(report, samplers(steps, ancestral),
+  run_rows(report, samplers(steps, ancestral, heun),
            lambda name, order, n: chain(sched, model, shape, name, order, n, False),
            jax.random.key(0), mix.marginal_w2)
 
@@ -143,7 +158,7 @@ def part_gmm(report, steps, ancestral, num_samples):
 # ----------------------------------------------------------------------------- (b) digits
 
 
-def part_digits(report, steps, ancestral, num_samples, workdir, step):
+def part_digits(report, steps, ancestral, num_samples, workdir, step, heun=()):
   params, config = ddpm_jax.load(workdir, step=step)
   model = settings.Settings.from_config(config).model.make_model()
   model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
@@ -156,7 +171,7 @@ def part_digits(report, steps, ancestral, num_samples, workdir, step):
          f"accuracy {frechet.accuracy:.3f}); the 297 test images score "
          f"{frechet.floor():.3f}")
   shape = (num_samples, size, size, channels)
-  run_rows(report, samplers(steps, ancestral),
+  run_rows(report, samplers(steps, ancestral, heun),
            lambda name, order, n: chain(sched, model_fn, shape, name, order, n, True),
            jax.random.key(0), lambda x: frechet.distance(to_uint8(x)))
 
@@ -166,20 +181,22 @@ def main():
   parser.add_argument("--parts", default="gmm,digits", help="gmm and/or digits")
   parser.add_argument("--steps", default="5,10,20,50", help="of DDIM and DPM-Solver++")
   parser.add_argument("--ancestral", default="1000,100,50", help="ancestral steps ('' for none)")
+  parser.add_argument("--heun", default="3,5,10,25", help="Heun steps ('' for none)")
   parser.add_argument("--gmm_samples", type=int, default=10000)
   parser.add_argument("--digits_samples", type=int, default=256)
   parser.add_argument("--workdir", default="/tmp/ddpm-digits", help="a configs/digits.py run")
   parser.add_argument("--step", type=int, default=None, help="its checkpoint (default: latest)")
   args = parser.parse_args()
-  steps = [int(s) for s in args.steps.split(",")]
+  steps = [int(s) for s in args.steps.split(",") if s]
   ancestral = [int(s) for s in args.ancestral.split(",") if s]
+  heun = [int(s) for s in args.heun.split(",") if s]
   report = Report("Sample quality against steps", packages=("scikit-learn",))
   report(f"on {device_line()}")
   parts = args.parts.split(",")
   if "gmm" in parts:
-    part_gmm(report, steps, ancestral, args.gmm_samples)
+    part_gmm(report, steps, ancestral, args.gmm_samples, heun)
   if "digits" in parts:
-    part_digits(report, steps, ancestral, args.digits_samples, args.workdir, args.step)
+    part_digits(report, steps, ancestral, args.digits_samples, args.workdir, args.step, heun)
   report.save()
 
 

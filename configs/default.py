@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.eval_every = 0  # > 0: bits/dim of a held-out batch (and FID, see eval.*) every N steps
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = "ancestral"  # ancestral | ddim | dpm_solver
+  sampling.sampler = "ancestral"  # ancestral | ddim | dpm_solver | heun
   sampling.num_steps = 1000  # < num_timesteps respaces the chain
   sampling.eta = 0.0
   sampling.clip_denoised = True
@@ -106,9 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
   edit.num = 8  # interpolate: images along the path between the first two inputs
 
   config.eval = evaluation = ml_collections.ConfigDict()
-  evaluation.metrics = ("bpd", "fid")  # --mode=eval: "bpd" (the bound) and/or "fid" (FID and IS)
+  # --mode=eval: "bpd" (the bound), "ode_bpd" (the probability-flow ODE's exact NLL), "fid"
+  # (FID and IS)
+  evaluation.metrics = ("bpd", "fid")
   evaluation.split = "test"  # bits/dim split
-  evaluation.bpd_num_examples = 0  # 0: the whole split
+  evaluation.bpd_num_examples = 0  # 0: the whole split (bpd and ode_bpd)
+  evaluation.ode_rtol = 1e-5  # ode_bpd: the adaptive solver's tolerances (score_sde's)
+  evaluation.ode_atol = 1e-5
   evaluation.batch_size = 128  # per host, for bits/dim and Inception features
   evaluation.num_samples = 50_000  # samples for FID/IS (written as in --mode=sample)
   # a local .npz (docs/inception_weights.md)

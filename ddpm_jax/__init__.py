@@ -26,6 +26,8 @@ from ddpm_jax.editing import (
     sdedit,
     slerp,
 )
+from ddpm_jax.heun import heun_sample_loop
+from ddpm_jax.likelihood import ode_bits_per_dim, ode_likelihood
 from ddpm_jax.respace import respace, space_timesteps
 from ddpm_jax.from_run import sample
 from ddpm_jax.run_edits import edit, interpolate, invert, inpaint

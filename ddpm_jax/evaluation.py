@@ -3,6 +3,8 @@
 - Bits/dim: the full T-term variational bound (`diffusion.bits_per_dim`) of every example of
   config.eval.split (or its first config.eval.bpd_num_examples), its mean with the standard
   error of the mean, the prior term L_T, the decoder term L_0 and the mean of every L_t.
+- ODE bits/dim (metric ode_bpd): the exact NLL of the same examples under the model's
+  probability-flow ODE (likelihood.py), with its standard error, tolerances and NFE.
 - FID and Inception Score of config.eval.num_samples samples (written and resumed as
   --mode=sample writes them), with Inception-v3 features in JAX from the local weights file
   config.eval.inception_weights (docs/inception_weights.md). The reference statistics are the
@@ -28,28 +30,36 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (data, diffusion, fid, from_run, generate, inception, loading, placement,
-                      rundir, settings)
+from ddpm_jax import (data, diffusion, fid, from_run, generate, inception, likelihood, loading,
+                      placement, rundir, settings)
 from ddpm_jax.errors import MissingFileError, UserError
 from ddpm_jax.reporting import Progress
 
 METRICS = settings.METRICS
 BPD_STREAM = 0xB1D  # folded into the run's seed: the bound's noise differs from training's
+ODE_STREAM = 0x0DE  # the ODE's dequantization and probes
 
 
 # ----------------------------------------------------------------------------- bits/dim
+
+
+def _unguided_model_fn(model_settings: settings.ModelSettings):
+  """(params, labels) -> model_fn of the run's model without guidance (labels ignored by an
+  unconditional model)."""
+  model = model_settings.make_model()
+  conditional = bool(model_settings.num_classes)
+  return lambda params, labels: from_run.guided_model_fn(
+      model, params, labels if conditional else None, 0.0)
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_bpd(model_settings: settings.ModelSettings, d: settings.DiffusionSettings,
                   per_device: int, devices: tuple):
   """bpd(params, x0 [n*b, ...], labels [n*b], keys [n*b]) -> (total, prior, terms [n*b, T])."""
-  model = model_settings.make_model()
-  sched = d.make_schedule()
-  conditional = bool(model_settings.num_classes)
+  make_model_fn, sched = _unguided_model_fn(model_settings), d.make_schedule()
 
   def bpd(params, x0, labels, keys):
-    model_fn = from_run.guided_model_fn(model, params, labels if conditional else None, 0.0)
+    model_fn = make_model_fn(params, labels)
     out = diffusion.bits_per_dim(sched, model_fn, x0, keys, mean_type=d.mean_type,
                                  var_type=d.var_type, clip_denoised=False)
     return out["total_bpd"], out["prior_bpd"], out["terms_bpd"]
@@ -65,13 +75,23 @@ def bits_per_dim_batch(config, params, images, labels, index, *, devices=None) -
   class-conditional models); index: int [B] global example indices: example i's noise comes
   from fold_in(bpd key, i) alone, so results do not depend on the batch or device count.
   """
+  s = settings.Settings.from_config(config)
+  total, prior, terms = run_on_examples(
+      lambda devices, per_device: _compiled_bpd(s.model, s.diffusion, per_device, devices),
+      jax.random.fold_in(jax.random.PRNGKey(config.seed), BPD_STREAM), params, images, labels,
+      index, devices)
+  return dict(total_bpd=total, prior_bpd=prior, terms_bpd=terms)
+
+
+def run_on_examples(compiled, key, params, images, labels, index, devices=None) -> tuple:
+  """compiled(devices, per_device)(params, images, labels, keys) on this host's devices, the
+  batch padded to a whole number per device; example i's key is fold_in(key, index[i]).
+  Returns the outputs as numpy arrays of the B examples."""
   devices = tuple(jax.local_devices() if devices is None else devices)
   n = len(images)
   per_device = math.ceil(n / len(devices))
   pad = per_device * len(devices) - n
-  s = settings.Settings.from_config(config)
-  run = _compiled_bpd(s.model, s.diffusion, per_device, devices)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), BPD_STREAM)
+  run = compiled(devices, per_device)
   index = np.concatenate([np.asarray(index), np.zeros(pad, np.int64)])
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(index))
   images = np.concatenate([np.asarray(images, np.float32),
@@ -79,9 +99,8 @@ def bits_per_dim_batch(config, params, images, labels, index, *, devices=None) -
   labels = np.concatenate([np.asarray(labels, np.int32), np.zeros(pad, np.int32)])
   batch = placement.batch_sharding(devices)
   params = placement.replicate(params, devices)  # a no-op for params placed there already
-  total, prior, terms = run(params, *(jax.device_put(a, batch) for a in (images, labels, keys)))
-  return dict(total_bpd=np.asarray(total)[:n], prior_bpd=np.asarray(prior)[:n],
-              terms_bpd=np.asarray(terms)[:n])
+  outputs = run(params, *(jax.device_put(a, batch) for a in (images, labels, keys)))
+  return tuple(np.asarray(o)[:n] for o in outputs)
 
 
 def _gather_rows(x: np.ndarray) -> np.ndarray:
@@ -132,6 +151,53 @@ def bits_per_dim_on_split(config, params, *, split: Optional[str] = None,
   gathered = {k: _gather_rows(v.astype(np.float64)) for k, v in local.items()}
   return dict(split=split, **summarize_bpd(gathered["total_bpd"], gathered["prior_bpd"],
                                            gathered["terms_bpd"]))
+
+
+# ----------------------------------------------------------------------------- ODE bits/dim
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_ode_bpd(model_settings: settings.ModelSettings, d: settings.DiffusionSettings,
+                      rtol: float, atol: float, devices: tuple):
+  """ode(params, x0 [n*b, ...], labels [n*b], keys [n*b]) -> (bpd, prior_bpd, nfe) [n*b]."""
+  make_model_fn, sched = _unguided_model_fn(model_settings), d.make_schedule()
+
+  def ode(params, x0, labels, keys):
+    out = likelihood.ode_likelihood(sched, make_model_fn(params, labels), x0, keys, mean_type=d.mean_type,
+                                    var_type=d.var_type, rtol=rtol, atol=atol)
+    return out["bpd"], out["prior_bpd"], jnp.broadcast_to(out["nfe"], out["bpd"].shape)
+
+  return placement.map_over_devices(ode, devices, num_batched=3)
+
+
+def ode_bits_per_dim_on_split(config, params) -> dict:
+  """The probability-flow ODE's bits/dim (likelihood.py: dequantized, Hutchinson) of the first
+  config.eval.bpd_num_examples examples of config.eval.split, over every host: the mean with
+  its standard error, the prior's share, the solver's tolerances and its NFE (model jvps) per
+  batch. Each device's batch is one ODE solve (its step size adapts to the whole batch)."""
+  s = settings.Settings.from_config(config)
+  e = s.eval
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), ODE_STREAM)
+  compiled = lambda devices, _: _compiled_ode_bpd(s.model, s.diffusion, e.ode_rtol, e.ode_atol,
+                                                  devices)
+  num, batches = data.eval_batches(config, e.split, batch_size=e.batch_size,
+                                   limit=e.bpd_num_examples)
+  params = placement.replicate(params)
+  progress = Progress(f"ODE bits/dim on {e.split}", num, unit="ex")
+  parts, seen = [], 0
+  for batch in batches:
+    parts.append(run_on_examples(compiled, key, params, batch["image"], batch["label"],
+                                 batch["index"]))
+    seen += len(batch["index"])
+    progress.update(seen * jax.process_count())
+  bpd, prior, nfe = (_gather_rows(np.concatenate([p[k] for p in parts]).astype(np.float64)
+                                  if parts else np.zeros(0)) for k in range(3))
+  n = len(bpd)
+  return dict(split=e.split, num_examples=int(n), bpd=float(bpd.mean()),
+              bpd_stderr=float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+              prior_bpd=float(prior.mean()), rtol=e.ode_rtol, atol=e.ode_atol,
+              solver="diffrax.Tsit5", divergence="hutchinson", dequantized=True,
+              nfe_mean=float(nfe.mean()), nfe_max=int(nfe.max()))
 
 
 # ----------------------------------------------------------------------------- FID / IS
@@ -258,7 +324,7 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     try:
       variables = load_inception(config)
     except FileNotFoundError as e:
-      if "bpd" not in metrics:
+      if not {"bpd", "ode_bpd"} & set(metrics):
         raise
       missing_weights = e
       logging.warning("%s Computing bits/dim only.", e)
@@ -269,6 +335,12 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     logging.info("Step %d: %.4f +- %.4f bits/dim on %s (%d examples); written to %s.", step,
                  results["bpd"]["bpd"], results["bpd"]["bpd_stderr"], results["bpd"]["split"],
                  results["bpd"]["num_examples"], path)
+  if "ode_bpd" in metrics:
+    results["ode_bpd"] = r = ode_bits_per_dim_on_split(config, params)
+    path = write_results(workdir, step, {"ode_bpd": r})
+    logging.info("Step %d: %.4f +- %.4f bits/dim (probability-flow ODE, %.0f NFE) on %s (%d "
+                 "examples); written to %s.", step, r["bpd"], r["bpd_stderr"], r["nfe_mean"],
+                 r["split"], r["num_examples"], path)
   if missing_weights is not None:
     raise missing_weights
   if "fid" in metrics:

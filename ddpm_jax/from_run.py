@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpoint, diffusion, placement, settings, solvers
+from ddpm_jax import checkpoint, diffusion, heun, placement, settings, solvers
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.errors import UserError
 from ddpm_jax.sampling import ddim_sample_loop, p_sample_loop
@@ -75,6 +75,8 @@ def _compiled_sampler(model_settings: ModelSettings, diffusion_settings: Diffusi
           sched, model_fn, shape, keys, num_steps=c.num_steps, order=c.order,
           thresholding=c.thresholding, thresholding_ratio=c.thresholding_ratio,
           thresholding_max=c.thresholding_max, **common)
+    if c.sampler == "heun":  # EDM's Heun sampler: 2 * num_steps - 1 model evaluations
+      return heun.heun_sample_loop(sched, model_fn, shape, keys, num_steps=c.num_steps, **common)
     steps = None if c.num_steps == sched.num_timesteps else c.num_steps
     return p_sample_loop(sched, model_fn, shape, keys, num_steps=steps, **common)
 
@@ -191,10 +193,11 @@ def sample(params, key, *, config=None, num_samples: Optional[int] = None,
   """Draws images from a trained model: float32 [num_samples, S, S, C] in [-1, 1].
 
   params: the (EMA) parameters, e.g. from `ddpm_jax.load(workdir)`; config: that run's config.
-  sampler ("ancestral" | "ddim" | "dpm_solver"), num_steps (in [1, T]; < T respaces the
-  chain), eta (DDIM), order (DPM-Solver++: 1, 2 or 3), guidance_scale and num_samples default
-  to config.sampling (dpm_solver's thresholding is config.sampling's); dtype
-  ("float32" | "bfloat16") to config.model.dtype.
+  sampler ("ancestral" | "ddim" | "dpm_solver" | "heun"), num_steps (in [1, T]; < T respaces
+  the ancestral chain; heun makes 2 * num_steps - 1 model calls), eta (DDIM), order
+  (DPM-Solver++: 1, 2 or 3), guidance_scale and num_samples default to config.sampling
+  (dpm_solver's thresholding is config.sampling's); dtype ("float32" | "bfloat16") to
+  config.model.dtype.
   labels: class-conditional models only: one int or [num_samples] ints in [0, num_classes]
   (num_classes is the null label), or class names of config.data.class_names (a run trained on
   a folder labelled by subfolders); None draws each sample's label from its own key.

@@ -31,10 +31,10 @@ from ddpm_jax.errors import UserError
 from ddpm_jax.edit_settings import EditSettings
 from ddpm_jax.unet import UNet
 
-SAMPLERS = ("ancestral", "ddim", "dpm_solver")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver", "heun")
 PARALLEL = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
-METRICS = ("bpd", "fid")
+METRICS = ("bpd", "ode_bpd", "fid")
 GROUP_NORM_GROUPS = 32  # the U-Net's GroupNorm: every channel count must be a multiple
 
 # ----------------------------------------------------------------------------- sections
@@ -326,7 +326,9 @@ class EvalSettings:
   """config.eval: what --mode=eval and in-training evaluation compute. Changeable."""
   metrics: Tuple[str, ...]
   split: str
-  bpd_num_examples: int  # 0: the whole split
+  bpd_num_examples: int  # 0: the whole split (bpd and ode_bpd)
+  ode_rtol: float  # the ODE solver's tolerances (ode_bpd)
+  ode_atol: float
   batch_size: int  # per host, for bits/dim and Inception features
   num_samples: int  # samples for FID/IS
   inception_weights: Optional[str]  # a local .npz (docs/inception_weights.md)
@@ -354,6 +356,8 @@ class EvalSettings:
                split=r.text("split", "test"),
                bpd_num_examples=r.int("bpd_num_examples", 0, 0,
                                       what="the number of examples (0: all)"),
+               ode_rtol=r.float("ode_rtol", 1e-5, 0.0, low_open=True, what="the tolerance"),
+               ode_atol=r.float("ode_atol", 1e-5, 0.0, low_open=True, what="the tolerance"),
                batch_size=r.int("batch_size", 128, 1, what="the evaluation batch"),
                num_samples=r.int("num_samples", 50_000, 2, what="the number of FID samples"),
                inception_weights=r.text("inception_weights", None),

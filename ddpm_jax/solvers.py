@@ -132,6 +132,20 @@ def check_solver_options(num_timesteps: int, num_steps, order, thresholding_rati
                     "below [-1, 1]; accepted: a number >= 1 (1 is plain clipping).")
 
 
+def host_planned_start(loop: str, sched: Schedule, shape, key, x_T):
+  """(shape, x_T) of a loop whose steps are planned on the host from a concrete sched: x_T is
+  checked against shape, or drawn from fold_in(key, 0)."""
+  if isinstance(sched.betas, jax.core.Tracer):
+    raise ValueError(f"{loop} needs a concrete Schedule: close over it instead of passing it as "
+                     "a traced jit argument.")
+  shape = tuple(shape)
+  if x_T is None:
+    x_T = rng.normal(rng.fold_in(key, 0), shape)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}.")
+  return shape, x_T
+
+
 def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[int], key, *,
                            num_steps: int, order: int = 2, x_T: Optional[jnp.ndarray] = None,
                            timesteps: Optional[Sequence[int]] = None,
@@ -152,11 +166,7 @@ def dpm_solver_sample_loop(sched: Schedule, model_fn: ModelFn, shape: Sequence[i
   `dynamic_threshold(x0, thresholding_ratio, thresholding_max)`. Order 1 is DDIM with eta = 0
   on the same timesteps (`dpm_solver_timesteps`).
   """
-  shape = tuple(shape)
-  if x_T is None:
-    x_T = rng.normal(rng.fold_in(key, 0), shape)
-  elif tuple(x_T.shape) != shape:
-    raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}.")
+  _, x_T = host_planned_start("dpm_solver_sample_loop", sched, shape, key, x_T)
   return dpm_solver_chain(sched, model_fn, x_T, num_steps=num_steps, order=order,
                           timesteps=timesteps, mean_type=mean_type, var_type=var_type,
                           clip_denoised=clip_denoised, thresholding=thresholding,

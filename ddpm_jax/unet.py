@@ -139,6 +139,9 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
   """The DDPM U-Net: (x_t [B, S, S, C] float in [-1, 1], t int [B]) -> float32 [B, S, S, out_channels].
 
+  t may also be float in [0, T-1] (continuous time, as the probability-flow ODE and EDM's sampler
+  call it): the sinusoidal embedding takes it as it is, and integer values give the same output.
+
   Attributes (config.model):
     ch: base channel count; also the timestep embedding's size (the MLP widens it to 4 * ch).
     ch_mult: channel multiplier per resolution level; len(ch_mult) - 1 downsamplings by 2.

@@ -40,7 +40,7 @@ def chain_inputs(params, config, key, n):
   """(model_fn, schedule, per-sample keys fold_in(key, i)) as sample() builds them."""
   model = settings.Settings.from_config(config).model.make_model()
   model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
+  keys = None if key is None else jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
   return model_fn, settings.Settings.from_config(config).diffusion.make_schedule(), keys
 
 
@@ -74,7 +74,8 @@ def test_round_trip_same_samples_on_1_and_8_devices(run):
   assert not np.allclose(np.asarray(eight[0]), np.asarray(eight[1]))
 
 
-@pytest.mark.parametrize("sampler,steps", [("ancestral", 20), ("ancestral", 7), ("ddim", 5)])
+@pytest.mark.parametrize("sampler,steps", [("ancestral", 20), ("ancestral", 7), ("ddim", 5),
+                                           ("heun", 4)])
 def test_sample_is_the_scan_sampler_with_per_sample_keys(run, sampler, steps):
   """sample() == the documented loops on the model, with keys fold_in(key, i)."""
   params, config = ddpm_jax.load(run)
@@ -84,6 +85,8 @@ def test_sample_is_the_scan_sampler_with_per_sample_keys(run, sampler, steps):
   model_fn, sched, keys = chain_inputs(params, config, key, 4)
   if sampler == "ddim":
     want = ddpm_jax.ddim_sample_loop(sched, model_fn, (4, 8, 8, 1), keys, num_steps=steps)
+  elif sampler == "heun":
+    want = ddpm_jax.heun_sample_loop(sched, model_fn, (4, 8, 8, 1), keys, num_steps=steps)
   else:
     want = ddpm_jax.p_sample_loop(sched, model_fn, (4, 8, 8, 1), keys,
                                   num_steps=None if steps == 20 else steps)
@@ -344,8 +347,28 @@ def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
   with pytest.raises(FileNotFoundError, match=r"'/nonexistent/inception.npz' does not exist: "
                                               r"download .*docs/inception_weights.md"):
     evaluation.evaluate(missing, run)
-  with pytest.raises(ValueError, match=r"Unknown eval metric 'nll'; accepted: bpd, fid"):
+  with pytest.raises(ValueError, match=r"Unknown eval metric 'nll'; accepted: bpd, ode_bpd, fid"):
     evaluation.evaluate(smoke_config(**{"eval.metrics": ("nll",)}), run)
+
+
+def test_eval_mode_ode_bits_per_dim(run):
+  config = smoke_config(**{"eval.metrics": ("ode_bpd",), "eval.bpd_num_examples": 4,
+                           "eval.batch_size": 4, "eval.ode_rtol": 1e-4})
+  evaluation.evaluate(config, run)
+  with open(os.path.join(run, "eval", "00000006.json")) as f:
+    result = json.load(f)["ode_bpd"]
+  assert result["num_examples"] == 4 and (result["rtol"], result["atol"]) == (1e-4, 1e-5)
+  assert result["nfe_max"] >= result["nfe_mean"] > 6 and np.isfinite(result["bpd_stderr"])
+  # The same examples and keys through ddpm_jax.ode_likelihood in one batch (the evaluation
+  # solves each device's share on its own: equal up to the solver's tolerance).
+  params, _ = ddpm_jax.load(run)
+  batch = next(ddpm_jax.data.eval_batches(config, "test", batch_size=4)[1])
+  model_fn, sched, _ = chain_inputs(params, config, None, 0)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), evaluation.ODE_STREAM)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))
+  want = ddpm_jax.ode_likelihood(sched, model_fn, jnp.asarray(batch["image"]), keys, rtol=1e-4)
+  assert result["bpd"] == pytest.approx(float(want["bpd"].mean()), rel=2e-3)
+  assert result["prior_bpd"] == pytest.approx(float(want["prior_bpd"].mean()), rel=2e-3)
 
 
 def test_eval_mode_fid_and_inception_score(run, weights_file):
