@@ -9,6 +9,8 @@
   by the next fetch.
 - `<name>.lock` (a POSIX lock) lets one process download while the others wait, then read the
   cache: the hosts of a multi-host run that share the cache download the file once.
+- $DDPM_JAX_MIRROR, if set, is a base address (an internal server) from which `<name>` is fetched
+  instead of the public address.
 - Offline, a failed download or a hash mismatch is one sentence (a UserError) naming the address,
   the cache path and the config field that takes a local file instead.
 
@@ -27,6 +29,7 @@ import requests
 from ddpm_jax.errors import UserError
 
 CACHE_ENV = "DDPM_JAX_CACHE"
+MIRROR_ENV = "DDPM_JAX_MIRROR"  # a base address serving the files by name, used instead
 CHUNK = 1 << 20
 NETWORK_CHUNK = 1 << 16  # what an interrupted download keeps is a multiple of this
 
@@ -106,11 +109,14 @@ def fetch(asset: Asset, *, cache: Optional[str] = None, url: Optional[str] = Non
           timeout: float = 60.0) -> str:
   """The local path of `asset` in the cache, downloaded (or resumed) and verified if needed.
 
-  url: another address for the same file (a mirror; the tests' local server). Raises UserError
+  url: another address for the same file (default: $DDPM_JAX_MIRROR/<name> if set, else
+  asset.url). Raises UserError
   with one sentence when the download fails or the file's SHA-256 does not match.
   """
   cache = cache_dir() if cache is None else cache
-  url = asset.url if url is None else url
+  if url is None:
+    mirror = os.environ.get(MIRROR_ENV)
+    url = f"{mirror.rstrip('/')}/{asset.name}" if mirror else asset.url
   target = os.path.join(cache, asset.name)
   part = target + ".part"
   instead = (f"copy {asset.name} there from a machine with internet, or pass "

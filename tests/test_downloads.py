@@ -15,7 +15,7 @@ SHA = hashlib.sha256(CONTENT).hexdigest()
 
 
 class _Server:
-  """Serves `content` at /file, honours "Range: bytes=N-", and can cut the body short."""
+  """Serves `content` at any path, honours "Range: bytes=N-", and can cut the body short."""
 
   def __init__(self, content, cut_after=None):
     self.content, self.cut_after, self.requests = content, cut_after, []
@@ -23,7 +23,7 @@ class _Server:
 
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):
-        server.requests.append(dict(self.headers))
+        server.requests.append(dict(self.headers, path=self.path))
         start = 0
         if self.headers.get("Range", "").startswith("bytes="):
           start = int(self.headers["Range"][6:].split("-")[0])
@@ -42,7 +42,7 @@ class _Server:
         pass
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/file"
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/weights.pth"
     self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
   def __enter__(self):
@@ -77,9 +77,10 @@ def test_cache_folder_from_the_environment(tmp_path, monkeypatch):
   monkeypatch.delenv(downloads.CACHE_ENV)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   assert downloads.cache_dir() == str(tmp_path / "xdg" / "ddpm_jax")
-  with _Server(CONTENT) as server:
-    assert downloads.fetch(_asset(), url=server.url) == str(tmp_path / "xdg" / "ddpm_jax" /
-                                                            "weights.pth")
+  with _Server(CONTENT) as server:  # DDPM_JAX_MIRROR: <mirror>/<name> instead of asset.url
+    monkeypatch.setenv(downloads.MIRROR_ENV, server.url.rsplit("/", 1)[0] + "/")
+    assert downloads.fetch(_asset()) == str(tmp_path / "xdg" / "ddpm_jax" / "weights.pth")
+    assert server.requests and open(downloads.fetch(_asset()), "rb").read() == CONTENT
 
 
 def test_interrupted_download_resumes(tmp_path):
