@@ -2,8 +2,7 @@
 
     python main.py --config=configs/cifar10.py --workdir=/path/to/run               # train
     python main.py --workdir=/path/to/run --mode=sample      # the run's own config.json
-    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval \
-        --config.eval.inception_weights=/path/to/pt_inception-2015-12-05.npz
+    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval
 
 Any config field can be overridden, e.g. --config.training.batch_size=256. Restarting the same
 command resumes from the workdir's latest checkpoint (training) or keeps what is already
