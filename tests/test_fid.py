@@ -210,6 +210,16 @@ def test_features_on_loaded_weights(weights_file, random_weights):
   assert np.abs(pool[0] - pool[1]).max() > 1e-3
 
 
+def test_features_on_several_devices_equal_one_device(weights_file):
+  variables = inception.load_inception_params(weights_file)
+  images = np.random.default_rng(4).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  devices = jax.local_devices()
+  assert len(devices) >= 2  # conftest: 8 CPU devices
+  one, _ = fid.inception_features(variables, images, batch_size=2, devices=devices[:1])
+  several, _ = fid.inception_features(variables, images, batch_size=2)  # split over 2 devices
+  np.testing.assert_allclose(several, one, rtol=1e-6, atol=1e-6)
+
+
 def test_gray_images_equal_their_rgb_repeat(weights_file):
   variables = inception.load_inception_params(weights_file)
   gray = np.random.default_rng(3).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
