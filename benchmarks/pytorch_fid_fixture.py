@@ -3,6 +3,7 @@
 Runs in the peer's environment (torch and pytorch-fid, benchmarks/requirements-peer.txt):
 
     python benchmarks/pytorch_fid_fixture.py        # regenerates tests/fixtures/pytorch_fid/
+    python benchmarks/pytorch_fid_fixture.py --small_only   # only the small .pth files
 
 The weights come from `random_state_dict()` below: NumPy only, a fixed seed per tensor name,
 so tests/test_fid_reference.py rebuilds the same 96 MB of weights without torch, writes them as a
@@ -121,6 +122,12 @@ def _import_torchvision_models():
 def main():
   _import_torchvision_models()
   import torch
+  if "--small_only" not in sys.argv:  # --small_only: the .pth fixtures alone (seconds)
+    _write_reference(torch)
+  _write_small(torch)
+
+
+def _write_reference(torch):
   from pytorch_fid import inception as fid_inception
   from pytorch_fid.fid_score import calculate_frechet_distance
 
@@ -154,9 +161,13 @@ def main():
   print(f"pool3 of {sum(len(p) for p in pools)} images, |pool| max "
         f"{np.abs(np.concatenate(pools)).max():.4f}; FID(a, b) = {fid:.6f}")
 
+
+def _write_small(torch):
   # torch.save's own files in both formats, with views and shared storages.
   small = small_tensors()
-  tensors = {k: torch.from_numpy(v.copy()) for k, v in small.items()}
+  # A module's state dict (an OrderedDict with torch's _metadata attribute) plus views.
+  tensors = torch.nn.BatchNorm2d(2).state_dict()
+  tensors.update({k: torch.from_numpy(v.copy()) for k, v in small.items()})
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
   tensors["transposed"] = base.t()  # a strided view of base's storage
   tensors["slice"] = base[1:3, 2:5]  # an offset view of the same storage

@@ -29,7 +29,9 @@ def test_reads_torch_save_output_in_both_formats(name):
   for key, value in expected.items():
     assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
     np.testing.assert_array_equal(got[key], value, err_msg=key)
-  # Views of one storage: a transpose (strides) and a slice (offset) of "base".
+  # A module's state dict (BatchNorm2d's, with torch's _metadata attribute) ...
+  assert got["num_batches_tracked"].shape == () and got["running_var"].tolist() == [1.0, 1.0]
+  # ... and views of one storage: a transpose (strides) and a slice (offset) of "base".
   np.testing.assert_array_equal(got["transposed"], got["base"].T)
   np.testing.assert_array_equal(got["slice"], got["base"][1:3, 2:5])
 
