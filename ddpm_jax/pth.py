@@ -127,7 +127,7 @@ class _Unpickler(pickle.Unpickler):
     return self._load_storage(pid[1].dtype, pid[2], pid[4])
 
 
-def _check_state_dict(obj, source) -> Dict[str, np.ndarray]:
+def _check_state_dict(obj) -> Dict[str, np.ndarray]:
   if not isinstance(obj, dict):
     raise UnsafeFileError(f"it holds a {type(obj).__name__}, not a state dict")
   for key, value in obj.items():
@@ -136,7 +136,7 @@ def _check_state_dict(obj, source) -> Dict[str, np.ndarray]:
   return dict(obj)
 
 
-def _read_zip(f, source) -> Dict[str, np.ndarray]:
+def _read_zip(f) -> Dict[str, np.ndarray]:
   with zipfile.ZipFile(f) as z:
     names = z.namelist()
     pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
@@ -162,7 +162,7 @@ def _read_zip(f, source) -> Dict[str, np.ndarray]:
     return _Unpickler(io.BytesIO(z.read(pkl[0])), load_storage).load()
 
 
-def _read_legacy(f, source) -> Dict[str, np.ndarray]:
+def _read_legacy(f) -> Dict[str, np.ndarray]:
   def no_storage(*_):
     raise UnsafeFileError("its header holds a storage")
 
@@ -217,16 +217,16 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
     try:
       if zipfile.is_zipfile(f):
         f.seek(0)
-        obj = _read_zip(f, path)
+        obj = _read_zip(f)
       else:
         f.seek(0)
-        obj = _read_legacy(f, path)
+        obj = _read_legacy(f)
     except UnsafeFileError:
       raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, zipfile.BadZipFile, struct.error) as e:
       raise UnsafeFileError(f"it is not a readable torch state dict ({type(e).__name__}: {e})")
-  return _check_state_dict(obj, path)
+  return _check_state_dict(obj)
 
 
 # ------------------------------------------------------------------------------- writing
