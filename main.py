@@ -2,8 +2,7 @@
 
     python main.py --config=configs/cifar10.py --workdir=/path/to/run               # train
     python main.py --workdir=/path/to/run --mode=sample      # the run's own config.json
-    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval \
-        --config.eval.inception_weights=/path/to/pt_inception-2015-12-05.npz
+    python main.py --config=configs/cifar10.py --workdir=/path/to/run --mode=eval
     python main.py --workdir=/path/to/run --mode=edit --config.edit.input=/path/to/images \
         --config.edit.task=inpaint --config.edit.mask=center     # or edit, invert, interpolate
 

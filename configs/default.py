@@ -115,7 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.ode_atol = 1e-5
   evaluation.batch_size = 128  # per host, for bits/dim and Inception features
   evaluation.num_samples = 50_000  # samples for FID/IS (written as in --mode=sample)
-  # a local .npz (docs/inception_weights.md)
+  # pytorch-fid's .pth (or an .npz); unset: downloaded once into ~/.cache/ddpm_jax or
+  # $DDPM_JAX_CACHE (docs/inception_weights.md)
   evaluation.inception_weights = config_dict.placeholder(str)
   evaluation.fid_reference = config_dict.placeholder(str)  # .npz of mu, sigma; unset: the data
   evaluation.fid_split = "train"  # the data split of computed reference statistics

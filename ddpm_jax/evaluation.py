@@ -6,14 +6,17 @@
 - ODE bits/dim (metric ode_bpd): the exact NLL of the same examples under the model's
   probability-flow ODE (likelihood.py), with its standard error, tolerances and NFE.
 - FID and Inception Score of config.eval.num_samples samples (written and resumed as
-  --mode=sample writes them), with Inception-v3 features in JAX from the local weights file
-  config.eval.inception_weights (docs/inception_weights.md). The reference statistics are the
+  --mode=sample writes them), with Inception-v3 features in JAX from config.eval.inception_weights
+  or, when unset, pytorch-fid's weights fetched once into the download cache
+  (docs/inception_weights.md). The reference statistics are the
   .npz config.eval.fid_reference, or are computed from config.eval.fid_split of the dataset and
   kept in workdir/eval/ for the next evaluation.
 
 Every host evaluates its own part (its block of the split, its sample shards); the per-example
-values are gathered, and process 0 writes the results. Without Inception weights, bits/dim
-still runs and is written; FID then fails with the sentence that says how to get the weights.
+values are gathered, and process 0 writes the results with their protocol beside them
+(eval_records: results of different protocols side by side). Without Inception weights
+(offline), bits/dim still runs and is written; FID then fails with the sentence that says how
+to get the weights.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import (data, diffusion, fid, from_run, generate, inception, likelihood, loading,
-                      placement, rundir, settings)
-from ddpm_jax.errors import MissingFileError, UserError
+from ddpm_jax import (data, diffusion, downloads, eval_records, fid, from_run, generate,
+                      inception, likelihood, loading, placement, settings)
+from ddpm_jax.errors import UserError
 from ddpm_jax.reporting import Progress
 
 METRICS = settings.METRICS
@@ -203,17 +206,17 @@ def ode_bits_per_dim_on_split(config, params) -> dict:
 # ----------------------------------------------------------------------------- FID / IS
 
 
-def load_inception(config):
-  """The Inception variables from config.eval.inception_weights, or one clear error that says
-  how to obtain them (docs/inception_weights.md)."""
+def inception_weights_path(config) -> str:
+  """config.eval.inception_weights, or when unset pytorch-fid's weights from the download cache
+  (fetched and verified on first use: ddpm_jax.downloads); a UserError when that fails."""
   path = config.eval.get("inception_weights")
-  if not path:
-    raise MissingFileError(
-        "FID and IS need the Inception weights, but config.eval.inception_weights is not set: "
-        f"download {inception.WEIGHTS_FILE}, convert it with {inception.CONVERTER} and pass "
-        f"--config.eval.inception_weights=/path/to/it.npz, as {inception.WEIGHTS_DOC} explains "
-        "(bits/dim alone: --config.eval.metrics=bpd).")
-  return inception.load_inception_params(path)
+  return path if path else downloads.fetch(downloads.INCEPTION_WEIGHTS)
+
+
+def load_inception(config):
+  """The Inception variables (see `inception_weights_path`) on all local devices, or one clear
+  error."""
+  return placement.replicate(inception.load_inception_params(inception_weights_path(config)))
 
 
 def _features(variables, images_uint8, batch_size: int):
@@ -290,18 +293,12 @@ def fid_and_inception_score(config, workdir: str, params, step: int, variables) 
 
 
 def results_path(workdir: str, step: int) -> epath.Path:
-  return epath.Path(workdir) / "eval" / f"{step:08d}.json"
+  return eval_records.path(workdir, step)
 
 
 def write_results(workdir: str, step: int, results: dict) -> epath.Path:
   """Merges `results` into workdir/eval/<step>.json (process 0; atomic rename)."""
-  path = results_path(workdir, step)
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(path.read_text()) if path.exists() else {"step": step}
-    merged.update(results)
-    rundir.write_atomically(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
-  return path
+  return eval_records.merge(workdir, step, lambda merged: merged.update(results))
 
 
 def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
@@ -319,40 +316,54 @@ def evaluate(config, workdir: str, *, step: Optional[int] = None) -> dict:
     raise UserError(f"config.eval.metrics is empty; accepted: any of {', '.join(METRICS)}.")
   step, params, _ = loading.load_with_step(workdir, step=step)
   from_run.check_params(params, config)
-  variables, missing_weights = None, None
+  variables, weights_error, weights_sha256 = None, None, None
   if "fid" in metrics:
     try:
-      variables = load_inception(config)
-    except FileNotFoundError as e:
+      weights = inception_weights_path(config)
+      variables = placement.replicate(inception.load_inception_params(weights))
+      weights_sha256 = eval_records.sha256_of_file(weights)
+    except UserError as e:  # offline, a missing or refused file: after bits/dim, if asked
       if not {"bpd", "ode_bpd"} & set(metrics):
         raise
-      missing_weights = e
+      weights_error = e
       logging.warning("%s Computing bits/dim only.", e)
   results = {}
   if "bpd" in metrics:
-    results["bpd"] = bits_per_dim_on_split(config, params)
-    path = write_results(workdir, step, results)
-    logging.info("Step %d: %.4f +- %.4f bits/dim on %s (%d examples); written to %s.", step,
-                 results["bpd"]["bpd"], results["bpd"]["bpd_stderr"], results["bpd"]["split"],
-                 results["bpd"]["num_examples"], path)
+    r = results["bpd"] = bits_per_dim_on_split(config, params)
+    protocol = eval_records.bpd_protocol(config, split=r["split"], num_examples=r["num_examples"])
+    key = eval_records.key(f"{r['split']}-n{r['num_examples']}", protocol)
+    note = eval_records.record(workdir, step, "bpd", key, r, protocol)
+    logging.info("Step %d: %.4f +- %.4f bits/dim on %s (%d examples); written to %s as %r%s.",
+                 step, r["bpd"], r["bpd_stderr"], r["split"], r["num_examples"],
+                 results_path(workdir, step), key, f" ({note})" if note else "")
   if "ode_bpd" in metrics:
-    results["ode_bpd"] = r = ode_bits_per_dim_on_split(config, params)
-    path = write_results(workdir, step, {"ode_bpd": r})
+    r = results["ode_bpd"] = ode_bits_per_dim_on_split(config, params)
+    protocol = dict(eval_records.bpd_protocol(config, split=r["split"],
+                                              num_examples=r["num_examples"]),
+                    estimator="probability-flow ODE", rtol=r["rtol"], atol=r["atol"])
+    key = eval_records.key(f"{r['split']}-n{r['num_examples']}-ode", protocol)
+    note = eval_records.record(workdir, step, "ode_bpd", key, r, protocol)
     logging.info("Step %d: %.4f +- %.4f bits/dim (probability-flow ODE, %.0f NFE) on %s (%d "
-                 "examples); written to %s.", step, r["bpd"], r["bpd_stderr"], r["nfe_mean"],
-                 r["split"], r["num_examples"], path)
-  if missing_weights is not None:
-    raise missing_weights
+                 "examples); written to %s as %r%s.", step, r["bpd"], r["bpd_stderr"],
+                 r["nfe_mean"], r["split"], r["num_examples"], results_path(workdir, step), key,
+                 f" ({note})" if note else "")
+  if weights_error is not None:
+    raise weights_error
   if "fid" in metrics:
-    key = generate.sample_dir(workdir, config, step).name
-    results["fid"] = {key: fid_and_inception_score(config, workdir, params, step, variables)}
-    if jax.process_index() == 0:
-      path = results_path(workdir, step)
-      stored = json.loads(path.read_text()).get("fid", {}) if path.exists() else {}
-      write_results(workdir, step, {"fid": {**stored, **results["fid"]}})
-    r = results["fid"][key]
-    logging.info("Step %d: FID %.3f, IS %.3f +- %.3f (%d samples, %s).", step, r["fid"],
-                 r["inception_score"], r["inception_score_std"], r["num_samples"], key)
+    r = fid_and_inception_score(config, workdir, params, step, variables)
+    protocol = eval_records.fid_protocol(config, num_samples=r["num_samples"],
+                                         weights_sha256=weights_sha256)
+    key = eval_records.key(f"{generate.sample_dir(workdir, config, step).name}"
+                           f"-n{r['num_samples']}", protocol)
+    results["fid"] = {key: dict(r, protocol=protocol)}
+    note = eval_records.record(workdir, step, "fid", key, r, protocol)
+    logging.info("Step %d: FID %.3f, IS %.3f +- %.3f (%d samples, %s); written as %r%s.", step,
+                 r["fid"], r["inception_score"], r["inception_score_std"], r["num_samples"],
+                 r["samples"], key, f" ({note})" if note else "")
+    differences = eval_records.paper_differences(protocol)
+    if differences:
+      logging.warning("FID/IS protocol differs from the DDPM paper's (50,000 samples, train "
+                      "statistics, EMA): %s.", "; ".join(differences))
   return results
 
 

@@ -13,7 +13,7 @@ Inception Score code, so they give the same numbers on any backend.
 """
 import os
 import tempfile
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from ddpm_jax import placement
 from ddpm_jax.inception import PRECISION, InceptionV3, preprocess
 
 
@@ -33,13 +34,16 @@ def _forward(variables, images):
 
 
 def inception_features(params: Mapping, images, batch_size: int = 50, *,
-                       logits_bias: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                       logits_bias: bool = False, devices: Optional[Sequence] = None
+                       ) -> Tuple[np.ndarray, np.ndarray]:
   """Inception pool3 features and logits of images, float64 NumPy ([N, 2048], [N, 1008]).
 
   params: the Flax variables of `load_inception_params`. images: float [N, H, W, C] in [-1, 1],
   C = 1 (repeated to 3) or 3, any H, W; each is resized to 299x299 as `inception.preprocess`
-  documents. Batches of `batch_size` go through one jit-compiled function; the last batch is
-  padded to full size (one compilation) and the padding dropped.
+  documents. Batches of `batch_size` go through one jit-compiled function, split over as many
+  of `devices` (default: all local devices) as divide batch_size; each image's features do
+  not depend on the split. The last batch is padded to full size (one compilation) and the
+  padding dropped.
 
   logits_bias: the original Inception Score code (Salimans et al., openai/improved-gan) takes the
   softmax of pool3 @ W, the TF graph's "softmax/logits/MatMul" without its bias, and so do
@@ -58,13 +62,19 @@ def inception_features(params: Mapping, images, batch_size: int = 50, *,
                      f"{images.dtype}; scale uint8 data with x / 127.5 - 1 first.")
   n = images.shape[0]
   batch_size = int(min(batch_size, n))
+  devices = list(jax.local_devices() if devices is None else devices)
+  # As many devices as divide the batch: no padding beyond the last batch's.
+  devices = devices[:max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)]
+  sharding = placement.batch_sharding(devices)
+  params = placement.replicate(params, devices)
   outputs = []
   for start in range(0, n, batch_size):
     batch = images[start:start + batch_size].astype(np.float32)
     if batch.shape[0] < batch_size:
       pad = np.zeros((batch_size - batch.shape[0],) + batch.shape[1:], np.float32)
       batch = np.concatenate([batch, pad])
-    outputs.append(_forward(params, batch))  # Dispatched asynchronously; fetched below.
+    # Dispatched asynchronously; fetched below.
+    outputs.append(_forward(params, jax.device_put(batch, sharding)))
   pool = np.concatenate([np.asarray(o[0], np.float64) for o in outputs])[:n]
   logits = np.concatenate([np.asarray(o[1 if logits_bias else 2], np.float64)
                            for o in outputs])[:n]

@@ -17,8 +17,9 @@ network itself accepts any H, W >= 75) and returns
   logits [N, 1008]: fc(pool) = pool @ kernel + bias, the TF graph's "softmax/logits".
 
 `preprocess(images)` is the FID protocol's input step (see its docstring), `load_inception_params`
-reads the converted weights (docs/inception_weights.md), and `param_shapes` / `count_params`
-describe the model without allocating it.
+reads pytorch-fid's .pth itself (no torch needed) or an .npz of our keys
+(docs/inception_weights.md), and `param_shapes` / `count_params` describe the model without
+allocating it.
 
 Parameter names follow the torch module names, with a "/" path: "Conv2d_1a_3x3/conv/kernel",
 "Mixed_5b/branch1x1/bn/scale", "fc/kernel"; BatchNorm's running statistics ("bn/mean",
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax import pth
 from ddpm_jax.errors import MissingFileError, UserError
 
 INPUT_SIZE = 299  # The protocol's input size: images are resized to 299x299.
@@ -51,7 +53,6 @@ NUM_PARAMS = 23_850_960
 NUM_VALUES = 23_885_392
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_DOC = "docs/inception_weights.md"
-CONVERTER = "tools/convert_inception_weights.py"
 _STATS_LEAVES = ("mean", "var")  # Leaves that live in the "batch_stats" collection.
 
 # Full float32 precision for every convolution and matmul: on TPUs (and TF32 GPUs) the default
@@ -293,10 +294,43 @@ def count_params(shapes: Mapping[str, Tuple[int, ...]] = None) -> int:
 
 
 def _missing_weights_message(path) -> str:
-  return (f"Inception weights file {os.fspath(path)!r} does not exist: download "
-          f"{WEIGHTS_FILE} (pytorch-fid's port of the TF FID Inception), convert it to .npz with "
-          f"{CONVERTER} and point config.eval.inception_weights at the result, as "
-          f"{WEIGHTS_DOC} explains.")
+  return (f"Inception weights file {os.fspath(path)!r} does not exist: point "
+          f"config.eval.inception_weights at pytorch-fid's {WEIGHTS_FILE} (or leave it unset to "
+          f"download it), as {WEIGHTS_DOC} explains.")
+
+
+_BN_LEAVES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def flat_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "the weights"
+                         ) -> Dict[str, np.ndarray]:
+  """pytorch-fid's state dict (torch names and layouts) -> {"a/b/kernel": float32 array}:
+
+    X.conv.weight [out, in, kh, kw]  -> X/conv/kernel [kh, kw, in, out]
+    X.bn.weight / bias               -> X/bn/scale / X/bn/bias
+    X.bn.running_mean / running_var  -> X/bn/mean / X/bn/var
+    X.bn.num_batches_tracked         -> dropped (training bookkeeping)
+    fc.weight [1008, 2048]           -> fc/kernel [2048, 1008];  fc.bias -> fc/bias
+  """
+  out = {}
+  for name, value in state_dict.items():
+    parts = name.split(".")
+    value = np.asarray(value)
+    if len(parts) >= 3 and parts[-2:] == ["conv", "weight"] and value.ndim == 4:
+      out["/".join(parts[:-1] + ["kernel"])] = value.transpose(2, 3, 1, 0)
+    elif len(parts) >= 3 and parts[-2] == "bn" and parts[-1] == "num_batches_tracked":
+      continue
+    elif len(parts) >= 3 and parts[-2] == "bn" and parts[-1] in _BN_LEAVES:
+      out["/".join(parts[:-1] + [_BN_LEAVES[parts[-1]]])] = value
+    elif name == "fc.weight" and value.ndim == 2:
+      out["fc/kernel"] = value.T
+    elif name == "fc.bias":
+      out["fc/bias"] = value
+    else:
+      raise UserError(f"{source} hold {name!r} with shape {value.shape}, which is not part of "
+                       f"the FID Inception (is it pytorch-fid's {WEIGHTS_FILE}?).")
+  return {k: np.ascontiguousarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v
+          for k, v in out.items()}
 
 
 def variables_from_flat(arrays: Mapping[str, np.ndarray], source: str = "the weights") -> Dict:
@@ -333,19 +367,30 @@ def flat_from_variables(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 
 
 def load_inception_params(path) -> Dict:
-  """Read converted FID Inception weights (.npz, keys like "Conv2d_1a_3x3/conv/kernel") and
-  return the Flax variables {"params": ..., "batch_stats": ...} for `InceptionV3().apply`.
+  """Read FID Inception weights and return the Flax variables {"params": ..., "batch_stats":
+  ...} for `InceptionV3().apply`: pytorch-fid's .pth (pt_inception-2015-12-05-6726825d.pth, or
+  any .pth of that state dict; read by ddpm_jax.pth without torch and without running pickled
+  code), or an .npz with our keys ("Conv2d_1a_3x3/conv/kernel", as `flat_from_variables` gives).
 
-  A missing file, a missing or extra key, or a wrong shape fails with one sentence saying
-  which; docs/inception_weights.md tells how to obtain and convert the standard weights.
+  A missing file, an unreadable one, a .pth holding anything but tensors, a missing or extra
+  key, or a wrong shape fails with one sentence saying which (a UserError).
   """
   path = os.fspath(path)
+  source = f"Inception weights file {path!r}"
   if not os.path.isfile(path):
     raise MissingFileError(_missing_weights_message(path))
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Not an .npz, or truncated.
-    raise UserError(f"Inception weights file {path!r} is not a readable .npz archive ({e}); "
-                     f"convert {WEIGHTS_FILE} with {CONVERTER} as {WEIGHTS_DOC} explains.") from e
-  return variables_from_flat(arrays, source=f"Inception weights file {path!r}")
+  if path.endswith(".npz"):
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # Not an .npz, truncated.
+      raise UserError(f"{source} is not a readable .npz archive ({e}); use pytorch-fid's "
+                       f"{WEIGHTS_FILE} as {WEIGHTS_DOC} explains.") from e
+  else:
+    try:
+      state_dict = pth.read_state_dict(path)
+    except pth.UnsafeFileError as e:
+      raise UserError(f"{source} was refused: {e} (a .pth must hold only a state dict of "
+                       f"tensors, as pytorch-fid's {WEIGHTS_FILE} does).") from e
+    arrays = flat_from_state_dict(state_dict, source)
+  return variables_from_flat(arrays, source=source)

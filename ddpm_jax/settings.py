@@ -331,7 +331,7 @@ class EvalSettings:
   ode_atol: float
   batch_size: int  # per host, for bits/dim and Inception features
   num_samples: int  # samples for FID/IS
-  inception_weights: Optional[str]  # a local .npz (docs/inception_weights.md)
+  inception_weights: Optional[str]  # a .pth or .npz; None: downloaded (docs/inception_weights.md)
   fid_reference: Optional[str]  # an .npz with mu, sigma; None: computed from the data
   fid_split: str
   fid_reference_examples: int

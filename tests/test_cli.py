@@ -238,9 +238,13 @@ def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, tmp_path):
   assert line == f"No checkpoint of step 7 in {workdir}/checkpoints; available steps: 2."
   line = refused(f"--workdir={tmp_path}/none", "--mode=sample")
   assert "is not a ddpm_jax run directory" in line
+  monkeypatch.setenv("DDPM_JAX_CACHE", str(tmp_path / "cache"))  # offline: nothing listens
+  monkeypatch.setenv("DDPM_JAX_MIRROR", "http://127.0.0.1:9")
   line = refused(f"--workdir={workdir}", "--mode=eval",
                  "--config.eval.metrics=('fid',)")
-  assert "config.eval.inception_weights is not set" in line
+  assert line.startswith("Could not download http://127.0.0.1:9/pt_inception-2015-12-05-")
+  assert line.endswith("or pass --config.eval.inception_weights=/path/to/"
+                       "pt_inception-2015-12-05-6726825d.pth.")
   line = refused(f"--workdir={workdir}", "--mode=sample",
                  "--config.model.ch=64")
   assert "model.ch: 32 in the run, 64 now" in line

@@ -137,7 +137,7 @@ def test_main_samples_and_evaluates_the_converted_run(run, main_py):
                         "--config.eval.bpd_num_examples=8")
   assert status == 0, log[-3000:]
   with open(os.path.join(run, "eval", "00000000.json")) as f:
-    bpd = json.load(f)["bpd"]
+    (bpd,) = json.load(f)["bpd"].values()  # one protocol
   assert bpd["num_examples"] == 8 and 0 < bpd["bpd"] < 100
 
 

@@ -8,6 +8,9 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import evaluation, from_run, generate, rundir, sampling, settings, train
+from ddpm_jax import downloads, evaluation, from_run, generate, rundir, sampling, settings, train
 from ddpm_jax.errors import UserError
 from tests.test_checkpoint import damage
 from tests.test_loop import smoke_config
@@ -287,7 +290,8 @@ def test_sample_and_eval_modes_fall_back_from_a_damaged_latest_checkpoint(run, t
   # (the copied run may hold other tests' sample directories too)
   assert "00000003_ancestral20" in os.listdir(os.path.join(tmp_path, "truncated", "samples"))
   with open(os.path.join(tmp_path, "no_metadata", "eval", "00000003.json")) as f:
-    assert json.load(f)["bpd"]["num_examples"] == 4
+    (bpd,) = json.load(f)["bpd"].values()  # one protocol
+    assert bpd["num_examples"] == 4
 
 
 # ----------------------------------------------------------------------------- bits/dim, FID
@@ -323,14 +327,27 @@ def test_bits_per_dim_is_finite_sums_its_terms_and_ignores_the_device_count(run)
   assert other["total_bpd"][0] != eight["total_bpd"][0]
 
 
-def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
+def test_eval_mode_bits_per_dim_json_and_offline_weights(run, tmp_path, monkeypatch):
+  """Without config.eval.inception_weights the weights are fetched; offline, bits/dim is still
+  written and FID fails with one sentence naming the address, the cache and the flag."""
+  with socket.socket() as s:  # an address where nothing listens: offline
+    s.bind(("127.0.0.1", 0))
+    mirror = f"http://127.0.0.1:{s.getsockname()[1]}"
+  monkeypatch.setenv(downloads.MIRROR_ENV, mirror)
+  monkeypatch.setenv(downloads.CACHE_ENV, str(tmp_path / "cache"))
   config = smoke_config(**{"eval.bpd_num_examples": 10, "eval.batch_size": 4})
-  with pytest.raises(FileNotFoundError, match=r"config.eval.inception_weights is not set: "
-                                              r"download pt_inception-2015-12-05-6726825d.pth"):
+  with pytest.raises(UserError) as e:
     evaluation.evaluate(config, run)
-  # Bits/dim was computed and written before the FID error.
+  assert str(e.value).startswith(
+      f"Could not download {mirror}/pt_inception-2015-12-05-6726825d.pth into "
+      f"{tmp_path / 'cache'} (ConnectionError): copy pt_inception-2015-12-05-6726825d.pth there "
+      "from a machine with internet, or pass --config.eval.inception_weights=")
+  # Bits/dim was computed and written before the FID error, with its protocol beside it.
   with open(os.path.join(run, "eval", "00000006.json")) as f:
-    result = json.load(f)["bpd"]
+    entries = json.load(f)["bpd"]
+  (key, result), = entries.items()
+  assert key.startswith("test-n10-") and result["protocol"]["num_examples"] == 10
+  assert result["protocol"]["split"] == "test" and result["protocol"]["ema_decay"] > 0
   assert result["num_examples"] == 10 and result["split"] == "test"
   assert len(result["terms_bpd"]) == 20 and np.isfinite(result["bpd"])
   params, _ = ddpm_jax.load(run)
@@ -345,8 +362,19 @@ def test_eval_mode_bits_per_dim_json_and_missing_weights(run):
   missing = smoke_config(**{"eval.inception_weights": "/nonexistent/inception.npz",
                             "eval.metrics": ("fid",)})
   with pytest.raises(FileNotFoundError, match=r"'/nonexistent/inception.npz' does not exist: "
-                                              r"download .*docs/inception_weights.md"):
+                                              r"point config.eval.inception_weights at "
+                                              r".*docs/inception_weights.md"):
     evaluation.evaluate(missing, run)
+  # A rerun of the same protocol replaces its entry, with a note; another one goes beside it.
+  evaluation.evaluate(smoke_config(**{"eval.metrics": ("bpd",), "eval.bpd_num_examples": 10,
+                                      "eval.batch_size": 4}), run)
+  evaluation.evaluate(smoke_config(**{"eval.metrics": ("bpd",), "eval.bpd_num_examples": 4,
+                                      "eval.batch_size": 4}), run)
+  with open(os.path.join(run, "eval", "00000006.json")) as f:
+    entries = json.load(f)["bpd"]
+  assert sorted(entries) == sorted([key, next(k for k in entries if k.startswith("test-n4-"))])
+  assert entries[key]["note"].startswith("replaces the result of the same protocol written at")
+  assert entries[key]["bpd"] == pytest.approx(result["bpd"], rel=1e-6)
   with pytest.raises(ValueError, match=r"Unknown eval metric 'nll'; accepted: bpd, ode_bpd, fid"):
     evaluation.evaluate(smoke_config(**{"eval.metrics": ("nll",)}), run)
 
@@ -356,7 +384,8 @@ def test_eval_mode_ode_bits_per_dim(run):
                            "eval.batch_size": 4, "eval.ode_rtol": 1e-4})
   evaluation.evaluate(config, run)
   with open(os.path.join(run, "eval", "00000006.json")) as f:
-    result = json.load(f)["ode_bpd"]
+    (key, result), = json.load(f)["ode_bpd"].items()
+  assert key.startswith("test-n4-ode-") and result["protocol"]["rtol"] == 1e-4
   assert result["num_examples"] == 4 and (result["rtol"], result["atol"]) == (1e-4, 1e-5)
   assert result["nfe_max"] >= result["nfe_mean"] > 6 and np.isfinite(result["bpd_stderr"])
   # The same examples and keys through ddpm_jax.ode_likelihood in one batch (the evaluation
@@ -371,18 +400,29 @@ def test_eval_mode_ode_bits_per_dim(run):
   assert result["prior_bpd"] == pytest.approx(float(want["prior_bpd"].mean()), rel=2e-3)
 
 
-def test_eval_mode_fid_and_inception_score(run, weights_file):
+def test_eval_mode_fid_and_inception_score(run, weights_file, caplog):
   config = smoke_config(**{"eval.metrics": ("fid",), "eval.inception_weights": weights_file,
                            "eval.num_samples": 4, "eval.fid_reference_examples": 6,
                            # batch 2: the network test_fid.py compiles already
                            "eval.fid_split": "train", "eval.batch_size": 2,
                            "sampling.sampler": "ddim", "sampling.num_steps": 4})
-  results = evaluation.evaluate(config, run, step=3)
-  r = results["fid"]["00000003_ddim4_eta0"]
+  with caplog.at_level(logging.WARNING):
+    results = evaluation.evaluate(config, run, step=3)
+  (key, r), = results["fid"].items()
+  assert key.startswith("00000003_ddim4_eta0-n4-")
   assert r["num_samples"] == 4 and np.isfinite(r["fid"]) and r["fid"] > 0
   assert r["inception_score"] >= 1.0
+  p = r["protocol"]
+  assert p["num_samples"] == 4 and p["sampling"]["sampler"] == "ddim"
+  assert p["sampling"]["num_steps"] == 4 and p["sampling"]["eta"] == 0.0
+  assert p["reference"] == dict(dataset="digits", split="train", max_examples=6, image_size=8)
+  assert p["inception_weights_sha256"] == evaluation.eval_records.sha256_of_file(weights_file)
+  assert p["ema_decay"] > 0 and "bilinear" in p["resize"] and p["package"].startswith("ddpm_jax")
+  warnings = [m for m in caplog.messages if "differs from the DDPM paper" in m]
+  assert warnings == ["FID/IS protocol differs from the DDPM paper's (50,000 samples, train "
+                      "statistics, EMA): 4 samples instead of 50,000."]
   with open(os.path.join(run, "eval", "00000003.json")) as f:
-    assert json.load(f)["fid"]["00000003_ddim4_eta0"]["fid"] == pytest.approx(r["fid"])
+    assert json.load(f)["fid"][key]["fid"] == pytest.approx(r["fid"])
   cached = os.path.join(run, "eval", "fid_reference_digits_train_8_6.npz")
   assert os.path.exists(cached)
   # The samples are the ones --mode=sample writes; FID recomputed from them independently.
@@ -394,14 +434,19 @@ def test_eval_mode_fid_and_inception_score(run, weights_file):
   assert r["fid"] == pytest.approx(ddpm_jax.fid.frechet_distance(mu, sigma, *ref), rel=1e-6)
   # Reference statistics from an .npz (e.g. pytorch-fid's): the same file gives the same FID.
   config.eval.fid_reference = cached
-  again = evaluation.evaluate(config, run, step=3)["fid"]["00000003_ddim4_eta0"]
+  (other, again), = evaluation.evaluate(config, run, step=3)["fid"].items()
   assert again["fid"] == pytest.approx(r["fid"], rel=1e-9) and again["reference"] == cached
+  assert again["protocol"]["reference"] == dict(
+      file=cached, sha256=evaluation.eval_records.sha256_of_file(cached))
+  with open(os.path.join(run, "eval", "00000003.json")) as f:
+    assert sorted(json.load(f)["fid"]) == sorted([key, other])  # side by side
   # In-training FID/IS (eval.train_fid_samples > 0) on the same network and reference.
   config.eval.train_fid_samples, config.eval.train_bpd_examples = 2, 0
   params, _ = ddpm_jax.load(run, step=3)
   scalars = evaluation.TrainingEvaluator(config, run)(3, params)
   assert set(scalars) == {"eval/fid", "eval/inception_score"}
   assert np.isfinite(scalars["eval/fid"]) and scalars["eval/inception_score"] >= 1.0
-  with pytest.raises(FileNotFoundError, match="does not exist: download"):
+  with pytest.raises(FileNotFoundError,
+                     match="does not exist: point config.eval.inception_weights"):
     config.eval.inception_weights = "/nonexistent.npz"  # refused before training starts
     evaluation.TrainingEvaluator(config, run)

@@ -1,11 +1,10 @@
-"""Tests of ddpm_jax/inception.py, ddpm_jax/fid.py and tools/convert_inception_weights.py.
+"""Tests of ddpm_jax/inception.py and ddpm_jax/fid.py.
 
 The real weights cannot be downloaded here, so the loading path runs on files the tests write
-(random weights in the right shapes) and the converter's mapping on a fake torch-style state dict
-of NumPy arrays. The full-size network goes through jax.eval_shape for shapes and counts; one
+(random weights in the right shapes) and the torch-name mapping on a fake torch-style state dict
+of NumPy arrays (tests/test_fid_reference.py runs pytorch-fid's own network's reference). The full-size network goes through jax.eval_shape for shapes and counts; one
 jit-compiled forward function (batch of 2, 299x299 after the protocol's resize) runs a few times.
 """
-import importlib.util
 import os
 
 import jax
@@ -19,14 +18,6 @@ from ddpm_jax import fid, inception
 from ddpm_jax.inception import InceptionV3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_converter():
-  path = os.path.join(ROOT, "tools", "convert_inception_weights.py")
-  spec = importlib.util.spec_from_file_location("convert_inception_weights", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +210,16 @@ def test_features_on_loaded_weights(weights_file, random_weights):
   assert np.abs(pool[0] - pool[1]).max() > 1e-3
 
 
+def test_features_on_several_devices_equal_one_device(weights_file):
+  variables = inception.load_inception_params(weights_file)
+  images = np.random.default_rng(4).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  devices = jax.local_devices()
+  assert len(devices) >= 2  # conftest: 8 CPU devices
+  one, _ = fid.inception_features(variables, images, batch_size=2, devices=devices[:1])
+  several, _ = fid.inception_features(variables, images, batch_size=2)  # split over 2 devices
+  np.testing.assert_allclose(several, one, rtol=1e-6, atol=1e-6)
+
+
 def test_gray_images_equal_their_rgb_repeat(weights_file):
   variables = inception.load_inception_params(weights_file)
   gray = np.random.default_rng(3).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
@@ -233,14 +234,18 @@ def test_missing_weights_file_says_how_to_get_it(tmp_path):
     inception.load_inception_params(path)
   msg = str(e.value)
   assert str(path) in msg and "docs/inception_weights.md" in msg
-  assert "tools/convert_inception_weights.py" in msg
+  assert "config.eval.inception_weights" in msg
   assert "pt_inception-2015-12-05-6726825d.pth" in msg
 
 
-def test_weights_file_that_is_not_npz(tmp_path):
-  path = tmp_path / "pt_inception.pth"
+def test_weights_file_that_is_not_readable(tmp_path):
+  path = tmp_path / "pt_inception.npz"
   path.write_bytes(b"PK\x03\x04 not really an archive")
   with pytest.raises(ValueError, match="not a readable .npz"):
+    inception.load_inception_params(path)
+  path = tmp_path / "pt_inception.pth"
+  path.write_bytes(b"PK\x03\x04 not really an archive")
+  with pytest.raises(ValueError, match="was refused: it is not a readable torch state dict"):
     inception.load_inception_params(path)
 
 
@@ -265,7 +270,7 @@ def test_bad_weights_give_one_clear_error(random_weights, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The converter's mapping, on a fake torch-style state dict of NumPy arrays.
+# The torch-name mapping, on a fake torch-style state dict of NumPy arrays.
 
 def _fake_torch_state_dict(rng):
   sd = {}
@@ -279,10 +284,9 @@ def _fake_torch_state_dict(rng):
   return sd
 
 
-def test_converter_maps_every_torch_key():
-  conv = _load_converter()
+def test_state_dict_mapping_covers_every_torch_key():
   sd = _fake_torch_state_dict(np.random.default_rng(4))
-  out = conv.convert_state_dict(sd)
+  out = inception.flat_from_state_dict(sd)
   shapes = inception.param_shapes()
   assert set(out) == set(shapes)  # All covered, num_batches_tracked dropped.
   for key, value in out.items():
@@ -302,12 +306,11 @@ def test_converter_maps_every_torch_key():
   inception.variables_from_flat(out)  # The loader accepts the converted arrays.
 
 
-def test_converter_rejects_foreign_keys():
-  conv = _load_converter()
+def test_state_dict_mapping_rejects_foreign_keys():
   with pytest.raises(ValueError, match="'AuxLogits.fc.weight'"):
-    conv.convert_state_dict({"AuxLogits.fc.weight": np.zeros((1000, 768))})
-  with pytest.raises(ValueError, match="'fc.weight' has shape"):
-    conv.convert_state_dict({"fc.weight": np.zeros((1008,))})
+    inception.flat_from_state_dict({"AuxLogits.fc.weight": np.zeros((1000, 768))})
+  with pytest.raises(ValueError, match=r"'fc.weight' with shape \(1008,\)"):
+    inception.flat_from_state_dict({"fc.weight": np.zeros((1008,))})
 
 
 # ---------------------------------------------------------------------------------------------
