@@ -1,6 +1,6 @@
 """Orbax checkpoints of the training state, and `load(workdir)`.
 
-A run directory (see ../shared/DESIGN.md, "Workdir layout"; config.json is rundir.py's) holds
+A run directory (see docs/design.md, "Workdir layout"; config.json is rundir.py's) holds
 
     checkpoints/<step>/         one orbax checkpoint per saved step, two items:
         state/                  the state tree (PyTreeCheckpointHandler, OCDBT): every leaf a host
