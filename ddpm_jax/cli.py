@@ -292,6 +292,8 @@ class UnretrievedTaskInOneLine(std_logging.Filter):
 
 def run() -> None:
   """The program: `python main.py ...` and the installed `ddpm-jax ...` command."""
+  for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):  # --help lists them
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
   std_logging.getLogger("asyncio").addFilter(UnretrievedTaskInOneLine())
   report_user_errors(lambda: app.run(main, flags_parser=parse_flags))
