@@ -82,6 +82,7 @@ class RunLogHandler(logging.Handler):
     self.path: Optional[str] = None
     self._pending = collections.deque(maxlen=_BUFFERED)
     self._file = None
+    self._disabled = False  # the log file could not be opened: records are dropped
 
   def log_to(self, workdir: str, process_index: int = 0) -> Optional[str]:
     """Starts writing to workdir/log.txt (log.<p>.txt for process p > 0) once the workdir exists.
@@ -102,11 +103,18 @@ class RunLogHandler(logging.Handler):
 
   def _open_when_ready(self) -> None:
     if self._file is None and self.path is not None and os.path.isdir(self.workdir):
-      self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      try:
+        self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      except OSError:  # a read-only run (sampling from it fails on its own, with one sentence)
+        self._disabled = True
+        self._pending.clear()
+        return
       while self._pending:
         self._file.write(self.format(self._pending.popleft()) + "\n")
 
   def emit(self, record: logging.LogRecord) -> None:
+    if self._disabled:
+      return
     try:
       self._open_when_ready()
       if self._file is None:

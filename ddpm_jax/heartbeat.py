@@ -51,7 +51,8 @@ class Heartbeat:
     self.stop()
 
   def _run(self) -> None:
-    while not self._stopped.wait(max(0.05, self._last + self.every_s - time.perf_counter())):
+    while not self._stopped.wait(min(3600.0, max(0.05, self._last + self.every_s -
+                                                 time.perf_counter()))):
       now = time.perf_counter()
       if now - self._last < self.every_s:
         continue

@@ -82,7 +82,7 @@ def test_the_console_shows_our_records_and_library_warnings_only():
   assert _GLOG.match(formatter.format(_record(theirs, logging.WARNING, "Careful.")))
 
 
-def test_the_run_log_waits_for_the_workdir_and_keeps_what_came_before(tmp_path):
+def test_the_run_log_waits_for_the_workdir_and_keeps_what_came_before(tmp_path, capsys):
   handler = console.RunLogHandler()
   handler.log_to(str(tmp_path / "run"))
   handler.handle(_record("lib.py", logging.INFO, "before the workdir"))
@@ -92,6 +92,14 @@ def test_the_run_log_waits_for_the_workdir_and_keeps_what_came_before(tmp_path):
   handler.close()
   lines = (tmp_path / "run" / "log.txt").read_text().splitlines()
   assert [line.split("] ")[-1] for line in lines] == ["before the workdir", "after"]
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  (read_only / "log.txt").mkdir()  # cannot be opened as a file, even by root
+  handler = console.RunLogHandler()
+  handler.log_to(str(read_only))
+  handler.handle(_record("lib.py", logging.INFO, "dropped, quietly"))
+  handler.close()
+  assert "Logging error" not in capsys.readouterr().err
   remote = console.RunLogHandler()  # a gs:// workdir: the log goes to a local temporary file
   assert os.path.dirname(remote.log_to("gs://bucket/run", 1)) == tempfile.gettempdir()
   remote.close()
