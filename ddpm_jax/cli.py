@@ -73,7 +73,7 @@ define_flags(FLAGS)
 # Environment variables that mean "this is one process of several" on the clusters jax detects.
 _CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
-_CONFIG_FILE = re.compile(r"^--?config(?:=(.*))?$")
+_CONFIG_FILE = config_files.CONFIG_FLAG
 
 
 # ----------------------------------------------------------------------------- flags
@@ -95,7 +95,7 @@ def with_default_config(argv):
   path (config_files.resolve)."""
   if _config_path(argv) is None and any(_OVERRIDE.match(a) for a in argv[1:]):
     return argv[:1] + [f"--config={DEFAULT_CONFIG}"] + argv[1:]
-  return config_files.with_resolved_config(argv, _CONFIG_FILE)
+  return config_files.with_resolved_config(argv)
 
 
 def _leaves(tree, prefix=""):

@@ -13,6 +13,7 @@ import re
 import sys
 from typing import List, Optional
 
+CONFIG_FLAG = re.compile(r"^--?config(?:=(.*))?$")  # --config=value (group 1) or --config value
 _CHECKOUT_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "configs")
 
@@ -57,7 +58,13 @@ def make_importable(config_file: str) -> None:
     sys.path.insert(0, os.path.dirname(folder))
 
 
-def with_resolved_config(argv: List[str], pattern: re.Pattern) -> List[str]:
+def shipped_config(name: str):
+  """configs/<name>.py's get_config(): the checkout's, or the installed package's."""
+  make_importable(os.path.join(configs_dir(), f"{name}.py"))
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def with_resolved_config(argv: List[str], pattern: re.Pattern = CONFIG_FLAG) -> List[str]:
   """argv with its --config value resolved (see `resolve`), the config's folder importable.
   pattern: matches `--config[=value]` with the value as group 1 (else the next argument)."""
   argv = list(argv)
