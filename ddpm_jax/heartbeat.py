@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 import weakref
+from types import FrameType
 from typing import Callable, Optional
 
 
@@ -21,13 +22,17 @@ class Heartbeat:
   """Prints `line(seconds_since_start)` to stderr from a daemon thread whenever `every_s`
   seconds pass without a line (see `beat`), until `stop` (or the end of a `with` block).
 
-  `line` may be a bound method: the thread holds it weakly, and ends once its object is gone,
-  so a heartbeat owned by an object that is dropped mid-way (an exception) falls silent.
+  `line` may be a bound method: the thread holds it weakly, and ends once its object is gone.
+  `while_running`: a frame (the function that runs the long work, e.g. `sys._getframe(1)` in a
+  helper it calls); the heartbeat ends once that frame has left its thread's stack, so one whose
+  owner raised mid-way falls silent instead of speaking on in a notebook that keeps the
+  traceback.
   """
 
   def __init__(self, line: Callable[[float], str], every_s: float = 30.0,
-               active: bool = True):
+               active: bool = True, while_running: Optional[FrameType] = None):
     self.every_s, self.start = every_s, time.perf_counter()
+    self._owner, self._owner_thread = while_running, threading.get_ident()
     self._last = self.start
     self._stopped = threading.Event()
     self._line = (weakref.WeakMethod(line) if hasattr(line, "__self__")
@@ -50,6 +55,18 @@ class Heartbeat:
   def __exit__(self, *exc) -> None:
     self.stop()
 
+  def _owner_running(self) -> bool:
+    if self._owner is None:
+      return True
+    frame = sys._current_frames().get(self._owner_thread)  # pylint: disable=protected-access
+    while frame is not None:
+      if frame is self._owner:
+        return True
+      frame = frame.f_back
+    self._owner = None  # let the frame and its locals go
+    self._stopped.set()
+    return False
+
   def _run(self) -> None:
     while not self._stopped.wait(min(3600.0, max(0.05, self._last + self.every_s -
                                                  time.perf_counter()))):
@@ -57,7 +74,7 @@ class Heartbeat:
       if now - self._last < self.every_s:
         continue
       line = self._line()
-      if line is None:  # the owner is gone
+      if line is None or not self._owner_running():  # the owner is gone, or has returned
         return
       print(line(now - self.start), file=sys.stderr, flush=True)
       self._last = now

@@ -70,7 +70,8 @@ class Progress:
     self.start, self.t0 = start, time.perf_counter()
     self.done = start
     self.active = jax.process_index() == 0
-    self._heartbeat = Heartbeat(self._waiting, every_s, active=self.active and start < total)
+    self._heartbeat = Heartbeat(self._waiting, every_s, active=self.active and start < total,
+                                while_running=sys._getframe(1))  # pylint: disable=protected-access
 
   def _waiting(self, seconds: float) -> str:
     what = "the first batch, with compilation" if self.done == self.start else "the next batch"
@@ -129,7 +130,8 @@ class Reporter:
     self._print("Compiling the train step (once per run; the first step waits for it) ...")
     self._compile_heartbeat = Heartbeat(
         lambda s: f"Compiling the train step ... {_duration(s)} so far",
-        self.progress_every_s, active=self.active)
+        self.progress_every_s, active=self.active,
+        while_running=sys._getframe(1))  # pylint: disable=protected-access
 
   def compiled(self) -> None:
     """Says how long compiling took; the step rate is counted from here."""

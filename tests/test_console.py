@@ -163,6 +163,16 @@ def test_a_heartbeat_prints_while_nothing_else_does(capsys):
   with heartbeat.Heartbeat(lambda s: "still working", every_s=0.05):
     time.sleep(0.5)
   assert "still working" in capsys.readouterr().err
+
+  def fails_midway():
+    heartbeat.Heartbeat(lambda s: "left behind", every_s=0.05, while_running=sys._getframe())
+    raise RuntimeError("mid-way")
+  with pytest.raises(RuntimeError) as e:
+    fails_midway()
+  time.sleep(0.5)  # the traceback (e) keeps the frame alive; the heartbeat sees it has left
+  capsys.readouterr()
+  time.sleep(0.3)
+  assert "left behind" not in capsys.readouterr().err and e.value
   assert heartbeat.duration(3725.9) == "1:02:05" and heartbeat.duration(float("inf")) == "?"
 
 
