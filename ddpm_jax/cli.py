@@ -255,9 +255,11 @@ def report_user_errors(fn: Callable[[], Any]) -> Any:
   try:
     return fn()
   except UserError as e:
+    console.discard_log()  # a refused command leaves the workdir as it was
     sys.stderr.write(f"{e}\n")
     sys.exit(USER_ERROR_STATUS)
   except KeyboardInterrupt:  # Ctrl-C before the train loop's handler (imports, checks): no save
+    console.discard_log()
     sys.stderr.write("Interrupted (Ctrl-C) before training started; nothing was saved.\n")
     sys.exit(130)
 

@@ -3,9 +3,9 @@
 The console gets our own lines (ddpm_jax's log records as plain sentences, the progress lines
 that reporting.py prints) and the libraries' warnings and errors; the libraries' INFO logs
 (absl, orbax, JAX, TensorFlow) go to workdir/log.txt only (log.<p>.txt on process p > 0), and
-to the console too with --verbose. Everything logged before the workdir exists is kept in
-memory and written to the file once it does, so a command that stops at a mistake before
-writing anything leaves no workdir behind.
+to the console too with --verbose. The file is written once the command has begun to write
+its run (training: its reporter exists) or at exit; a command refused as the user's mistake
+writes none, so it leaves the workdir as it found it.
 """
 from __future__ import annotations
 
@@ -72,8 +72,12 @@ class _ConsoleFilter(logging.Filter):
 
 
 class RunLogHandler(logging.Handler):
-  """Appends every record to a file in the workdir, in absl's format; keeps them in memory until
-  `log_to` names a workdir and that directory exists."""
+  """Appends every record to a file in the workdir, in absl's format.
+
+  Records are kept in memory until the command has started to write its run (`commit`, from
+  then on they are written as they come) or ends (`close`, at exit); a command refused as the
+  user's mistake `discard`s them, so that it leaves the workdir exactly as it found it.
+  """
 
   def __init__(self):
     super().__init__(logging.DEBUG)
@@ -82,12 +86,12 @@ class RunLogHandler(logging.Handler):
     self.path: Optional[str] = None
     self._pending = collections.deque(maxlen=_BUFFERED)
     self._file = None
-    self._disabled = False  # the log file could not be opened: records are dropped
+    self._committed = False
+    self._disabled = False  # discarded, or the file could not be opened: records are dropped
 
   def log_to(self, workdir: str, process_index: int = 0) -> Optional[str]:
-    """Starts writing to workdir/log.txt (log.<p>.txt for process p > 0) once the workdir exists.
-    A workdir that is not a local path (gs://) gets its log in the local temporary folder;
-    returns that path then (else None)."""
+    """Names the file: workdir/log.txt (log.<p>.txt for process p > 0). A workdir that is not a
+    local path (gs://) gets its log in the local temporary folder; returns that path then."""
     name = "log.txt" if process_index == 0 else f"log.{process_index}.txt"
     self.acquire()
     try:
@@ -101,8 +105,28 @@ class RunLogHandler(logging.Handler):
       self.release()
     return self.path if "://" in workdir else None
 
+  def commit(self) -> None:
+    """The command writes its run now: the records so far, and every later one, go to the file
+    (once the workdir exists)."""
+    self.acquire()
+    try:
+      self._committed = True
+      self._open_when_ready()
+    finally:
+      self.release()
+
+  def discard(self) -> None:
+    """The command was refused: nothing it logged is written."""
+    self.acquire()
+    try:
+      self._disabled = True
+      self._pending.clear()
+    finally:
+      self.release()
+
   def _open_when_ready(self) -> None:
-    if self._file is None and self.path is not None and os.path.isdir(self.workdir):
+    if (self._file is None and self._committed and not self._disabled and
+        self.path is not None and os.path.isdir(self.workdir)):
       try:
         self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       except OSError:  # a read-only run (sampling from it fails on its own, with one sentence)
@@ -111,6 +135,7 @@ class RunLogHandler(logging.Handler):
         return
       while self._pending:
         self._file.write(self.format(self._pending.popleft()) + "\n")
+      self._file.flush()
 
   def emit(self, record: logging.LogRecord) -> None:
     if self._disabled:
@@ -126,8 +151,12 @@ class RunLogHandler(logging.Handler):
       self.handleError(record)
 
   def close(self) -> None:
+    """Writes what is still held (a command that ended without `commit`) and closes the file."""
     self.acquire()
     try:
+      if self._pending:
+        self._committed = True
+        self._open_when_ready()
       if self._file is not None:
         self._file.close()
         self._file = None
@@ -191,12 +220,29 @@ def setup(verbose: bool = False, tensorflow: bool = False) -> RunLogHandler:
   return run_log
 
 
+def _run_logs():
+  """The RunLogHandlers that `setup` put on the root logger (none if it was not called, as when
+  tests call the command line's functions directly)."""
+  return [h for h in logging.getLogger().handlers if isinstance(h, RunLogHandler)]
+
+
 def log_to(workdir: str, process_index: int = 0) -> None:
-  """Points the run log set up by `setup` at `workdir` (nothing if `setup` was not called, as
-  when tests call the command line's functions directly)."""
-  for handler in logging.getLogger().handlers:
-    if isinstance(handler, RunLogHandler):
-      elsewhere = handler.log_to(workdir, process_index)
-      if elsewhere:
-        logging.getLogger(__name__).info(
-            "The libraries' logs go to %s (the workdir is not a local folder).", elsewhere)
+  """Points the run log at `workdir` (see RunLogHandler.log_to)."""
+  for handler in _run_logs():
+    elsewhere = handler.log_to(workdir, process_index)
+    if elsewhere:
+      logging.getLogger(__name__).info(
+          "The libraries' logs go to %s (the workdir is not a local folder).", elsewhere)
+
+
+def commit_log() -> None:
+  """The command has validated everything and writes its run: the log file is written from now
+  on (see RunLogHandler.commit)."""
+  for handler in _run_logs():
+    handler.commit()
+
+
+def discard_log() -> None:
+  """The command was refused: its log is not written (see RunLogHandler.discard)."""
+  for handler in _run_logs():
+    handler.discard()

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from ddpm_jax import run_summary
+from ddpm_jax import console, run_summary
 from ddpm_jax.heartbeat import Heartbeat, duration as _duration
 
 
@@ -114,6 +114,7 @@ class Reporter:
     self.tensorboard_dir = os.path.join(workdir, "tensorboard")
     self.last_grid: Optional[str] = None
     self.writer = None
+    console.commit_log()  # the run is being written: its log file too, from here on
     if self.active:
       epath.Path(self.samples_dir).mkdir(parents=True, exist_ok=True)
       from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel

@@ -82,21 +82,37 @@ def test_the_console_shows_our_records_and_library_warnings_only():
   assert _GLOG.match(formatter.format(_record(theirs, logging.WARNING, "Careful.")))
 
 
-def test_the_run_log_waits_for_the_workdir_and_keeps_what_came_before(tmp_path, capsys):
+def test_the_run_log_is_written_once_the_run_is_and_never_for_a_refused_command(tmp_path,
+                                                                                capsys):
   handler = console.RunLogHandler()
   handler.log_to(str(tmp_path / "run"))
   handler.handle(_record("lib.py", logging.INFO, "before the workdir"))
-  assert not (tmp_path / "run").exists()  # nothing written before the run writes its files
   (tmp_path / "run").mkdir()
+  handler.handle(_record("lib.py", logging.INFO, "before the run writes"))
+  assert not (tmp_path / "run" / "log.txt").exists()  # still validating: nothing written
+  handler.commit()
   handler.handle(_record("lib.py", logging.INFO, "after"))
-  handler.close()
   lines = (tmp_path / "run" / "log.txt").read_text().splitlines()
-  assert [line.split("] ")[-1] for line in lines] == ["before the workdir", "after"]
+  assert [line.split("] ")[-1] for line in lines] == [
+      "before the workdir", "before the run writes", "after"]
+  handler.close()
+  # Sampling or evaluating an existing run: written at exit; refused: never.
+  for refused in (False, True):
+    run = tmp_path / f"refused_{refused}"
+    run.mkdir()
+    handler = console.RunLogHandler()
+    handler.log_to(str(run))
+    handler.handle(_record("lib.py", logging.INFO, "held"))
+    if refused:
+      handler.discard()
+    handler.close()
+    assert (run / "log.txt").exists() != refused
   read_only = tmp_path / "read_only"
   read_only.mkdir()
   (read_only / "log.txt").mkdir()  # cannot be opened as a file, even by root
   handler = console.RunLogHandler()
   handler.log_to(str(read_only))
+  handler.commit()
   handler.handle(_record("lib.py", logging.INFO, "dropped, quietly"))
   handler.close()
   assert "Logging error" not in capsys.readouterr().err
