@@ -3,7 +3,7 @@
 Ours: a jax.profiler trace of `n` calls; each traced event is matched to the HLO instruction of
 the compiled program it ran (by event name on CPU, where XLA's thunks emit one event each when
 XLA_FLAGS has --xla_cpu_enable_xprof_traceme=true; by the event's `hlo_op` stat on GPU, an
-untested path so far: no GPU was lent when this was written). The instruction, or for a fusion
+untested path so far: no GPU was available when this was written). The instruction, or for a fusion
 the computation it calls, decides the category. The peer: torch.profiler's self time per aten
 op, mapped to the same categories by op name.
 

@@ -1,4 +1,4 @@
-"""Defaults shared by every dataset config (the schema of ../shared/DESIGN.md).
+"""Defaults shared by every dataset config (the schema of docs/design.md).
 
 Each dataset file starts with `config = default.get_config()` and overrides what differs.
 Every field can be overridden on the command line, e.g. `--config.training.batch_size=256`.

@@ -1,7 +1,7 @@
 """Orbax checkpoints of the training state: the `Checkpointer` (save, restore, fall back past
 damaged checkpoints; see damaged_checkpoints.py). `load(workdir)` is in loading.py.
 
-A run directory (see ../shared/DESIGN.md, "Workdir layout"; config.json is rundir.py's) holds
+A run directory (see docs/design.md, "Workdir layout"; config.json is rundir.py's) holds
 
     checkpoints/<step>/         one orbax checkpoint per saved step, two items:
         state/                  the state tree (PyTreeCheckpointHandler, OCDBT): every leaf a host

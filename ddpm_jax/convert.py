@@ -27,7 +27,6 @@ Everything is checked before anything is written; a mistake raises UserError wit
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ from etils import epath
 from flax import traverse_util
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoint, diffusers_mapping as dm, rundir, settings, train
+from ddpm_jax import checkpoint, config_files, diffusers_mapping as dm, rundir, settings, train
 from ddpm_jax.errors import MissingFileError, UserError
 
 USER_ERROR_STATUS = 2  # as main.py's: a user's mistake, one sentence on stderr
@@ -117,8 +116,8 @@ def _base_config(size: int, channels: int) -> ml_collections.ConfigDict:
   if name:
     logging.info("Starting from configs/%s.py (the source's images are %dx%dx%d).", name, size,
                  size, channels)
-    return importlib.import_module(f"configs.{name}").get_config()
-  config = importlib.import_module("configs.default").get_config()
+    return config_files.shipped_config(name)
+  config = config_files.shipped_config("default")
   config.data.image_size, config.data.num_channels = size, channels
   logging.warning("No dataset config has %dx%dx%d images: starting from configs/default.py; set "
                   "data.dataset before training or evaluating on data.", size, size, channels)
@@ -270,4 +269,6 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  # --config=cifar10 (or configs/cifar10.py outside a checkout) names the shipped config.
+  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
+      config_files.with_resolved_config(argv)))

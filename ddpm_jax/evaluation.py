@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from ddpm_jax import (data, diffusion, downloads, eval_records, fid, from_run, generate,
                       inception, likelihood, loading, placement, settings)
 from ddpm_jax.errors import UserError
+from ddpm_jax.heartbeat import Heartbeat, duration
 from ddpm_jax.reporting import Progress
 
 METRICS = settings.METRICS
@@ -274,7 +275,9 @@ def fid_and_inception_score(config, workdir: str, params, step: int, variables) 
   pc, pi = jax.process_count(), jax.process_index()
   shards = list(range(pi, math.ceil(n / shard_size), pc))
   images, _ = generate.read_samples(directory, n, shards=shards)
-  pool, logits = _features(variables, images, e.batch_size)
+  with Heartbeat(lambda s: f"Inception features of {len(images)} samples ... {duration(s)} so far",
+                 active=jax.process_index() == 0):
+    pool, logits = _features(variables, images, e.batch_size)
   index = np.concatenate([np.arange(k * shard_size, min((k + 1) * shard_size, n))
                           for k in shards]) if shards else np.zeros(0, np.int64)
   order = np.argsort(_gather_rows(index))

@@ -205,6 +205,11 @@ def check_folder(config: Any) -> None:
     logging.warning("%d of the %d images in %s are smaller than config.data.image_size=%d and "
                     "are upsampled (the smallest: %s, side %d).", len(small), len(paths), root,
                     size, min(small)[1], min(small)[0])
+  large = [min(w, h) for _, (w, h) in found if min(w, h) >= 2 * size]
+  if large:  # a 64x64 folder trained at 32x32 loses detail the user may expect to keep
+    logging.info("%d of the %d images in %s are downscaled %.0fx or more to config.data."
+                 "image_size=%d (their shorter side: %d to %d).", len(large), len(paths), root,
+                 min(large) / size, size, min(large), max(large))
 
 
 def class_names(config: Any) -> tuple[str, ...]:

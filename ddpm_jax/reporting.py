@@ -4,17 +4,21 @@ Only process 0 reports; every method is a no-op on the others.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import sys
 import time
-from typing import Mapping
+from typing import Iterator, Mapping, Optional
 
 import jax
 import numpy as np
 from etils import epath
 from PIL import Image
+
+from ddpm_jax import console, run_summary
+from ddpm_jax.heartbeat import Heartbeat, duration as _duration
 
 
 def image_grid(images: np.ndarray, padding: int = 1) -> np.ndarray:
@@ -32,8 +36,9 @@ def image_grid(images: np.ndarray, padding: int = 1) -> np.ndarray:
   return grid
 
 
-def save_png(path: str, images: np.ndarray, upscale: int = 1) -> None:
-  """Writes a grid of images as PNG (local or gs://), through a temporary file and a rename."""
+def save_png(path: str, images: np.ndarray, upscale: int = 1) -> np.ndarray:
+  """Writes a grid of images as PNG (local or gs://), through a temporary file and a rename;
+  returns the grid (uint8 [H, W, C])."""
   grid = image_grid(images)
   if upscale > 1:  # small images (8x8 digits) are easier to look at enlarged
     grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
@@ -42,13 +47,7 @@ def save_png(path: str, images: np.ndarray, upscale: int = 1) -> None:
   tmp = epath.Path(path + ".tmp")
   tmp.write_bytes(buffer.getvalue())
   tmp.replace(path)
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+  return grid
 
 
 def progress_line(label: str, done: int, total: int, rate: float, unit: str) -> str:
@@ -61,14 +60,29 @@ def progress_line(label: str, done: int, total: int, rate: float, unit: str) -> 
 
 
 class Progress:
-  """A console progress line for a long job (sampling, evaluation), printed on process 0."""
+  """A console progress line for a long job (sampling, evaluation), printed on process 0 after
+  every `update` and, while an update is slow in coming (compiling, a long batch), a line at
+  least every `every_s` seconds."""
 
-  def __init__(self, label: str, total: int, unit: str = "img", start: int = 0):
+  def __init__(self, label: str, total: int, unit: str = "img", start: int = 0,
+               every_s: float = 30.0):
     self.label, self.total, self.unit = label, total, unit
     self.start, self.t0 = start, time.perf_counter()
+    self.done = start
     self.active = jax.process_index() == 0
+    self._heartbeat = Heartbeat(self._waiting, every_s, active=self.active and start < total,
+                                while_running=sys._getframe(1))  # pylint: disable=protected-access
+
+  def _waiting(self, seconds: float) -> str:
+    what = "the first batch, with compilation" if self.done == self.start else "the next batch"
+    return (f"{self.label} {self.done}/{self.total} | {_duration(seconds)} so far, working on "
+            f"{what} ...")
 
   def update(self, done: int) -> None:
+    self.done = done
+    self._heartbeat.beat()
+    if done >= self.total:
+      self._heartbeat.stop()
     rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
     if self.active:
       print(progress_line(self.label, done, self.total, rate, self.unit), file=sys.stderr,
@@ -80,7 +94,8 @@ class Reporter:
 
   The console gets a line at every `scalars` call (every log_every steps) and, between them, at
   least every `progress_every_s` seconds (`progress_due`/`progress`), so that a run with a
-  large log_every or slow steps still shows that it is moving.
+  large log_every or slow steps still shows that it is moving. The step rate and the ETA count
+  training alone: time spent `aside` (sample grids, evaluation) is left out of both.
   """
 
   def __init__(self, workdir: str, *, num_steps: int, start_step: int, batch_size: int,
@@ -89,14 +104,21 @@ class Reporter:
     self.num_steps, self.batch_size = num_steps, batch_size
     self.progress_every_s = progress_every_s
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.workdir, self.first_step, self.started = workdir, start_step, self.last_time
+    self.compile_s = 0.0
     self.last_line = self.last_time
     self.compile_start = None
+    self._compile_heartbeat: Optional[Heartbeat] = None
+    self.aside_s = 0.0  # time spent aside since the last rate
     self.samples_dir = os.path.join(workdir, "samples")
+    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self.last_grid: Optional[str] = None
     self.writer = None
+    console.commit_log()  # the run is being written: its log file too, from here on
     if self.active:
       epath.Path(self.samples_dir).mkdir(parents=True, exist_ok=True)
       from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
-      self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = tensorboard.SummaryWriter(self.tensorboard_dir)
 
   def _print(self, text: str) -> None:
     self.last_line = time.perf_counter()
@@ -107,18 +129,39 @@ class Reporter:
     """Says that the train step is being compiled (minutes for a large model on a CPU)."""
     self.compile_start = time.perf_counter()
     self._print("Compiling the train step (once per run; the first step waits for it) ...")
+    self._compile_heartbeat = Heartbeat(
+        lambda s: f"Compiling the train step ... {_duration(s)} so far",
+        self.progress_every_s, active=self.active,
+        while_running=sys._getframe(1))  # pylint: disable=protected-access
 
   def compiled(self) -> None:
     """Says how long compiling took; the step rate is counted from here."""
     now = time.perf_counter()
-    self._print(f"Compiled the train step in {now - self.compile_start:.1f} s.")
-    self.last_time = now
+    if self._compile_heartbeat is not None:
+      self._compile_heartbeat.stop()
+    self.compile_s = now - self.compile_start
+    self._print(f"Compiled the train step in {self.compile_s:.1f} s.")
+    self.last_time, self.aside_s = now, 0.0
+
+  @contextlib.contextmanager
+  def aside(self, what: str) -> Iterator[None]:
+    """A block of work that is not training (`what`: "sampling a grid at step 1000"): a line at
+    least every progress_every_s seconds while it runs; its time is left out of the step rate
+    and the ETA."""
+    start = time.perf_counter()
+    heartbeat = Heartbeat(lambda s: f"{what} ... {_duration(s)} so far",
+                          self.progress_every_s, active=self.active)
+    try:
+      with heartbeat:
+        yield
+    finally:
+      self.aside_s += time.perf_counter() - start
 
   def _rate(self, step: int) -> float:
     """Steps per second since the last line with a rate."""
     now = time.perf_counter()
-    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
+    steps_per_s = (step - self.last_step) / max(now - self.last_time - self.aside_s, 1e-9)
+    self.last_step, self.last_time, self.aside_s = step, now, 0.0
     return steps_per_s
 
   def _line(self, step: int, steps_per_s: float, loss: float) -> None:
@@ -161,12 +204,27 @@ class Reporter:
             file=sys.stderr, flush=True)
 
   def samples(self, step: int, images: np.ndarray) -> str:
-    """Writes workdir/samples/ema_{step}.png; returns its path."""
+    """Writes workdir/samples/ema_{step}.png and the same grid to TensorBoard ("samples");
+    returns its path."""
     path = os.path.join(self.samples_dir, f"ema_{step:08d}.png")
     if self.active:
-      save_png(path, images, upscale=max(1, 64 // images.shape[1]))
-      print(f"step {step}: EMA samples written to {path}", file=sys.stderr, flush=True)
+      grid = save_png(path, images, upscale=max(1, 64 // images.shape[1]))
+      self.writer.image("samples", grid, step, max_outputs=1)
+      self.writer.flush()
+      self.last_grid = path
+      self._print(f"step {step}: EMA samples written to {path}")
     return path
+
+  def summary(self, step: int, checkpoint_step: Optional[int],
+              stopped_by: Optional[str] = None) -> None:
+    """Prints the run's closing lines (run_summary.training_summary) on process 0."""
+    if self.active:
+      lines = run_summary.training_summary(
+          self.workdir, first_step=self.first_step, step=step, num_steps=self.num_steps,
+          seconds=time.perf_counter() - self.started, compile_seconds=self.compile_s,
+          checkpoint_step=checkpoint_step, last_grid=self.last_grid,
+          tensorboard_dir=self.tensorboard_dir, stopped_by=stopped_by)
+      print("\n".join(lines), file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self.writer is not None:

@@ -24,7 +24,7 @@ from absl import logging
 from flax import struct
 
 from ddpm_jax import (checkpoint, data, diffusion, evaluation, from_run, lease, placement, rundir,
-                      settings)
+                      settings, short_run)
 from ddpm_jax.errors import NonFiniteLossError, UserError
 from ddpm_jax.preemption import Interrupted, Preemption
 from ddpm_jax.reporting import Reporter
@@ -273,6 +273,7 @@ def train_and_evaluate(config, workdir: str, *, progress_every_s: float = 30.0,
   # Refuse bad settings before anything is written to the workdir.
   settings.validate(config, device_count=jax.device_count())
   settings.check_dataset(config, "train")
+  short_run.warn(config)
   evaluator = None
   if tc.get("eval_every", 0):  # built first: missing Inception weights stop the run at once
     evaluator = evaluation.TrainingEvaluator(config, workdir)
@@ -358,12 +359,14 @@ def _train_under_lease(config, workdir: str, evaluator, held, progress_every_s: 
         stopped = step
         break
       if tc.sample_every and (step % tc.sample_every == 0 or last) and jax.process_index() == 0:
-        ema = par.get(p_state.ema_params[0])
         n = min(64, config.sampling.num_samples)
-        reporter.samples(step, np.asarray(from_run.sample(ema, sample_key, config=config,
-                                                          num_samples=n)))
+        with reporter.aside(f"step {step}: sampling a grid of {n} EMA samples"):
+          ema = par.get(p_state.ema_params[0])
+          reporter.samples(step, np.asarray(from_run.sample(ema, sample_key, config=config,
+                                                            num_samples=n)))
       if evaluator and (step % tc.eval_every == 0 or last) and jax.process_index() == 0:
-        scalars = evaluator(step, par.get(p_state.ema_params[0]))
+        with reporter.aside(f"step {step}: evaluating the EMA parameters"):
+          scalars = evaluator(step, par.get(p_state.ema_params[0]))
         reporter.eval_scalars(step, scalars)
         evaluation.write_results(workdir, step, {"training_eval": scalars})
     if stopped is not None:
@@ -372,7 +375,10 @@ def _train_under_lease(config, workdir: str, evaluator, held, progress_every_s: 
                  f" arrived after step {preemption.arrived_after} had finished")
       logging.warning("%s%s: saved the checkpoint of step %d in %s; stopping.",
                       signal.Signals(preemption.signum).name, arrival, stopped, workdir)
+      reporter.summary(stopped, ckpt.latest_step(), signal.Signals(preemption.signum).name)
       raise Interrupted(preemption.signum, stopped, workdir)
+    ckpt.wait()
+    reporter.summary(tc.num_train_steps, ckpt.latest_step())
     return par.get(p_state)
   finally:
     preemption.restore()

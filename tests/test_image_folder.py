@@ -194,6 +194,15 @@ def test_smaller_images_are_upsampled_with_a_warning(tmp_path, caplog):
   check_batch(batch, (2, 8, 8, 3))
 
 
+def test_images_downscaled_twofold_or_more_get_a_note(tmp_path, caplog):
+  write_image(str(tmp_path / "large.png"), "PNG", "RGB", (20, 16), (10, 20, 30))
+  write_image(str(tmp_path / "near.png"), "PNG", "RGB", (15, 12), (10, 20, 30))
+  with caplog.at_level("INFO"):
+    assert data.check_dataset(folder_config(str(tmp_path), image_size=8)) == 2
+  assert (f"1 of the 2 images in {tmp_path} are downscaled 2x or more to "
+          "config.data.image_size=8 (their shorter side: 16 to 16).") in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one sentence naming the path, before anything is written.
 
