@@ -273,9 +273,10 @@ def execute(fv: flags.FlagValues) -> None:
   maybe_initialize_distributed(fv)
   import jax  # pylint: disable=import-outside-toplevel
   from ddpm_jax import placement  # pylint: disable=import-outside-toplevel
-  console.log_to(fv.workdir, jax.process_index())
   requested = config.get("cpu_devices", 0)  # validated by run_config
+  # Before anything asks JAX for its devices (process_index too): that starts the backend.
   cpu_devices = placement.set_cpu_devices(requested, config.training.batch_size)
+  console.log_to(fv.workdir, jax.process_index())
   logging.info("Process %d of %d, %d local devices of %d: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind, extra={"console": jax.process_count() > 1})

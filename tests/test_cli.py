@@ -219,7 +219,7 @@ def test_bad_values_are_one_sentence_and_write_nothing(tmp_path):
     assert not workdir.exists(), override  # nothing written: a corrected rerun starts afresh
 
 
-def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, tmp_path):
+def test_a_run_refuses_bad_input_and_keeps_its_files(readme_runs, tmp_path, monkeypatch):
   workdir, _ = readme_runs
   def files():
     return {p: os.path.getmtime(p) for p in glob.glob(f"{workdir}/**", recursive=True)

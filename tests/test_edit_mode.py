@@ -23,11 +23,9 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("edit_mode")
   workdir = str(root / "run")
   import main  # pylint: disable=import-outside-toplevel
-  with pytest.MonkeyPatch.context() as mp:
-    main.execute(parse(mp, "--config=configs/smoke.py", f"--workdir={workdir}",
-                       "--config.training.num_train_steps=2",
-                       "--config.training.checkpoint_every=2",
-                       "--config.training.sample_every=0", "--config.training.batch_size=8"))
+  main.execute(parse("--config=configs/smoke.py", f"--workdir={workdir}",
+                     "--config.training.num_train_steps=2", "--config.training.checkpoint_every=2",
+                     "--config.training.sample_every=0", "--config.training.batch_size=8"))
   inputs, masks = root / "in", root / "masks"
   inputs.mkdir()
   masks.mkdir()
@@ -42,8 +40,7 @@ def trained(tmp_path_factory):
 
 def _run(*args):
   import main  # pylint: disable=import-outside-toplevel
-  with pytest.MonkeyPatch.context() as mp:
-    main.execute(parse(mp, *args))
+  main.execute(parse(*args))
 
 
 def test_inpaint_writes_pngs_and_npz_equal_to_inpaint_and_resumes(trained):
@@ -96,36 +93,35 @@ def test_masks_folder_edit_invert_and_interpolate(trained):
   assert len(glob.glob(f"{workdir}/samples/00000002_interpolate_ddim6_num4/frame_*.png")) == 4
 
 
-def test_a_bad_mask_or_image_is_one_sentence_and_writes_nothing(trained, monkeypatch, capsys,
-                                                                  tmp_path):
+def test_a_bad_mask_or_image_is_one_sentence_and_writes_nothing(trained, tmp_path):
   workdir, inputs, masks = trained
   before = sorted(glob.glob(f"{workdir}/samples/*"))
   args = [f"--workdir={workdir}", "--mode=edit", *SMALL]
-  line = refused(monkeypatch, capsys, *args, f"--config.edit.input={inputs}",
+  line = refused(*args, f"--config.edit.input={inputs}",
                  "--config.edit.mask=middle")
   assert line.startswith("config.edit.mask='middle': accepted: 'center', 'left-half'")
   few = tmp_path / "few_masks"
   few.mkdir()
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(few / "d0.png")
-  line = refused(monkeypatch, capsys, *args, f"--config.edit.input={inputs}",
+  line = refused(*args, f"--config.edit.input={inputs}",
                  f"--config.edit.masks={few}")
   assert line == (f"config.edit.masks={str(few)!r} has no mask for d1.png (a mask is an image "
                   "of the same name, any extension: white keeps, black fills).")
   big = tmp_path / "big"
   big.mkdir()
   Image.fromarray(np.zeros((16, 16), np.uint8)).save(big / "x.png")
-  line = refused(monkeypatch, capsys, *args, f"--config.edit.input={big}")
+  line = refused(*args, f"--config.edit.input={big}")
   assert line == f"The image {big}/x.png is 16x16, but the run's images are 8x8; resize it first."
-  line = refused(monkeypatch, capsys, *args, f"--config.edit.input={inputs}",
+  line = refused(*args, f"--config.edit.input={inputs}",
                  f"--config.edit.masks={big}")
   assert "has no mask for d0.png" in line
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
-  line = refused(monkeypatch, capsys, *args, f"--config.edit.input={tmp_path}/broken")
+  line = refused(*args, f"--config.edit.input={tmp_path}/broken")
   assert line.startswith(f"The image {tmp_path}/broken/a.png cannot be read as an image")
-  line = refused(monkeypatch, capsys, *args)
+  line = refused(*args)
   assert line.startswith("--mode=edit needs config.edit.input")
-  line = refused(monkeypatch, capsys, *args, f"--config.edit.input={inputs}",
+  line = refused(*args, f"--config.edit.input={inputs}",
                  "--config.edit.strength=1.5")
   assert line.startswith("config.edit.strength=1.5: the SDEdit strength must be a number in [0, 1]")
   assert sorted(glob.glob(f"{workdir}/samples/*")) == before
