@@ -36,10 +36,12 @@ ORDERS = (1, 2, 3)
 
 
 def dpm_solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """diffusers' "linspace" timesteps: int32 [num_steps], descending from T - 1, all > 0
-  when num_steps < T."""
-  grid = np.linspace(0, num_timesteps - 1, num_steps + 1).round()
-  return grid[::-1][:-1].astype(np.int32)
+  """diffusers' "linspace" timesteps: int32 [n], distinct, descending from T - 1, all > 0.
+
+  n = num_steps, except at num_steps = T: the rounded grid then repeats a timestep (a zero-length
+  step, whose coefficients are NaN), and the repeat is dropped as diffusers does, leaving T - 1."""
+  grid = np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1]
+  return grid[np.append(True, np.diff(grid) != 0)].astype(np.int32)
 
 
 def step_orders(num_steps: int, order: int) -> np.ndarray:

@@ -124,6 +124,23 @@ def test_order_1_is_ddim_eta0_on_the_same_timesteps_and_learned_range_uses_the_m
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(learned))
 
 
+def test_num_steps_up_to_T_gives_distinct_timesteps_and_finite_samples():
+  """At num_steps = T the rounded linspace grid repeats a timestep; a repeated timestep is a
+  zero-length step with NaN coefficients, so the repeat is dropped (as diffusers does)."""
+  for t_total in (10, 100, 1000):
+    for n in range(max(1, t_total - 3), t_total + 1):
+      ts = ddpm_jax.dpm_solver_timesteps(t_total, n)
+      assert np.all(np.diff(ts) < 0) and ts[0] == t_total - 1 and ts[-1] > 0, (t_total, n)
+      assert len(ts) == min(n, t_total - 1), (t_total, n, len(ts))
+  sched = ddpm_jax.make_schedule("linear", 10)
+  model = lambda x, t: 0.1 * x
+  shape, key = (8, 1), jax.random.key(2)
+  full = ddpm_jax.dpm_solver_sample_loop(sched, model, shape, key, num_steps=10, order=2)
+  assert np.all(np.isfinite(np.asarray(full)))
+  np.testing.assert_array_equal(np.asarray(full), np.asarray(ddpm_jax.dpm_solver_sample_loop(
+      sched, model, shape, key, num_steps=9, order=2)))
+
+
 def _equation_count(jaxpr) -> int:
   count = 0
   for eqn in jaxpr.eqns:
