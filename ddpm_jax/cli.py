@@ -287,9 +287,10 @@ def execute(fv: flags.FlagValues) -> None:
                     f"{jax.device_count()} CPU devices; use a divisor of the batch, or 0 "
                     "(automatic).")
   if on_cpu and cpu_devices:
+    # On the console only when chosen automatically: a count the user set needs no telling.
     logging.info("JAX runs on the CPU (%d usable cores) as %d devices (config.cpu_devices=%d%s).",
                  placement.usable_cores(), cpu_devices, requested,
-                 "" if requested else ": automatic")
+                 "" if requested else ": automatic", extra={"console": not requested})
   if fv.mode == "train":
     from ddpm_jax import train  # pylint: disable=import-outside-toplevel
     try:
