@@ -218,7 +218,8 @@ def sdedit_timesteps(num_timesteps: int, num_steps: int, strength: float,
   descending for dpm_solver (as their loops take them); empty at strength 0."""
   m = int(round(strength * num_steps))
   if sampler == "dpm_solver":
-    return solvers.dpm_solver_timesteps(num_timesteps, num_steps)[num_steps - m:]
+    timesteps = solvers.dpm_solver_timesteps(num_timesteps, num_steps)  # T - 1 of them at T
+    return timesteps[max(len(timesteps) - m, 0):]
   return space_timesteps(num_timesteps, num_steps)[:m]
 
 
